@@ -248,11 +248,19 @@ def _eval_set(settings: Settings, seqlen: int, samples: int, stream: int) -> lis
     return [_generate(settings, min(per_batch, samples - i), seqlen, rng) for i in range(0, samples, per_batch)]
 
 
-def _lr_at(step: int, settings: Settings) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def _lr_at(step: int, settings: Settings, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak.
+
+    The decay runs over ``settings.steps``, or over ``settings.time_limit`` seconds of
+    training (``elapsed``) when that ends first, so a run cut by its time limit still
+    ends with a decayed learning rate whatever the step rate of the machine.
+    """
     if step < settings.warmup:
         return settings.lr * (step + 1) / settings.warmup
     progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    if settings.time_limit > 0:
+        progress = max(progress, elapsed / settings.time_limit)
+    progress = min(progress, 1.0)
     return settings.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
@@ -281,7 +289,7 @@ def train_layer(settings: Settings, layer: str, on_step: Callable[[int, float | 
     deadline = start + settings.time_limit if settings.time_limit > 0 else math.inf
     for step in range(1, settings.steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step - 1, settings)
+            group["lr"] = _lr_at(step - 1, settings, time.perf_counter() - start)
         inputs, targets = _generate(settings, settings.batch, settings.seqlen, rng)
         loss, _ = _loss_and_correct(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -543,7 +551,7 @@ def add_reproduce_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--test-samples", type=int, default=256, help="test sequences per test length")
     parser.add_argument(
-        "--time-limit", type=float, default=0.0, help="stop a layer's training after this many seconds (0: no limit)"
+        "--time-limit", type=float, default=0.0, help="stop a layer's training after this many seconds; the learning rate decays over it (0: no limit)"
     )
     parser.add_argument(
         "--stop-at", type=float, default=0.0,
