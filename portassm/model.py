@@ -34,13 +34,14 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from . import block, checks
+from . import block, checks, ops
 from .backend import Backend, get_backend, use_backend
 
 Array = Any
@@ -415,6 +416,13 @@ class MambaLM:
     norms : list of array, (d_model,) each
     norm_f : array, (d_model,)
     lm_head : array, (vocab_size, d_model); the embedding itself when tied
+    cuda_graph : bool
+        Decode with a CUDA graph of the whole step when the weights are on a CUDA GPU
+        (torch on CUDA, cupy): default True. ``generate`` and ``stream`` take it per call.
+
+    Treat the weight attributes as read-only: the decoding path keeps values derived
+    from them at construction (``-exp(A_log)``, transposed views) and captures CUDA
+    graphs that read them.
     """
 
     def __init__(
@@ -459,6 +467,9 @@ class MambaLM:
                 self.norms.append(put(f"backbone.layers.{i}.norm.weight"))
             self.norm_f = put("backbone.norm_f.weight")
             self.lm_head = self.embedding if config.tie_embeddings else put("lm_head.weight")
+            self._steps = [_LayerStep(xp, params, norm) for params, norm in zip(self.layers, self.norms)]
+        self.cuda_graph = True
+        self._graphs: dict[int, Any] = {}  # batch -> captured decoding step (None: capture failed)
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -547,12 +558,16 @@ class MambaLM:
     def _embed(self, xp: Any, ids: np.ndarray) -> Array:
         """(batch, seqlen) ids -> (batch, seqlen, d_model) rows of the embedding, in the residual dtype."""
         flat = self.backend.asarray(np.ascontiguousarray(ids.reshape(-1)))
+        return xp.reshape(self._embed_flat(xp, flat), (*ids.shape, self.config.d_model))
+
+    def _embed_flat(self, xp: Any, flat: Array) -> Array:
+        """(n,) ids, an array of the backend -> (n, d_model) rows of the embedding, in the residual dtype."""
         if self._transposed:  # gather columns of the contiguous (d_model, vocab) array: take() on the
             # transposed view would first copy all of it
             rows = xp.matrix_transpose(xp.take(xp.matrix_transpose(self.embedding), flat, axis=1))
         else:
             rows = xp.take(self.embedding, flat, axis=0)
-        return _cast(xp, xp.reshape(rows, (*ids.shape, self.config.d_model)), self._residual_dtype)
+        return _cast(xp, rows, self._residual_dtype)
 
     def _head(self, xp: Any, h: Array) -> Array:
         x = _rms_norm(xp, h, self.norm_f, self.config.norm_eps)
@@ -637,12 +652,56 @@ class MambaLM:
         with self._on_backend() as xp:
             h = self._embed(xp, ids)[:, 0, :]
             new_cache: Cache = []
-            for params, norm, layer_cache in zip(self.layers, self.norms, cache):
-                x = _rms_norm(xp, h, norm, self.config.norm_eps)
-                out, layer_cache = block.mamba_block_step(x, params, layer_cache)
-                new_cache.append(layer_cache)
-                h = h + _cast(xp, out, h.dtype)
+            h = self._step_layers(xp, h, cache, new_cache)
             return self._head(xp, h), new_cache
+
+    def _step_layers(self, xp: Any, h: Array, cache: Cache, new_cache: Cache | None) -> Array:
+        """The residual stream after every layer's block step, for one token.
+
+        The block of :func:`portassm.mamba_block_step`, the same operations in the same
+        order, on parameters prepared at construction and without the per-call checks
+        (the shapes are the model's own). With ``new_cache`` a list, the new states are
+        appended to it; with None, they are written into ``cache``'s arrays in place (the
+        form a CUDA graph captures).
+        """
+        module = self.backend.module
+        conv_kernel = getattr(module, "causal_conv1d_step", None)
+        scan_step = module.scan_step
+        eps = self.config.norm_eps
+        d_inner, d_state, rank = self.config.d_inner, self.config.d_state, self.config.dt_rank
+        for layer, (conv_state, ssm_state) in zip(self._steps, cache):
+            x = _rms_norm(xp, h, layer.norm, eps)
+            xz = xp.matmul(x, layer.in_w)
+            if layer.in_b is not None:
+                xz = xz + layer.in_b
+            xs, z = xz[:, :d_inner], xz[:, d_inner:]
+            if conv_kernel is not None:
+                xs, conv_new = conv_kernel(xs, conv_state, layer.conv_w, layer.conv_b, "silu")
+            else:  # ops.causal_conv1d_step's array-API form
+                window = xp.concat([_cast(xp, conv_state, xs.dtype), xs[:, :, None]], axis=-1)
+                xs = xp.sum(window * layer.conv_w, axis=-1)
+                if layer.conv_b is not None:
+                    xs = xs + layer.conv_b
+                xs, conv_new = ops._silu(xp, xs), window[..., 1:]
+            x_dbl = xp.matmul(xs, layer.x_w)
+            dt = xp.matmul(x_dbl[:, :rank], layer.dt_w)
+            B, C = x_dbl[:, None, rank : rank + d_state], x_dbl[:, None, rank + d_state :]
+            y, ssm_new = scan_step(ssm_state, xs, dt, layer.A, B, C, layer.D, z, layer.dt_b, True, "mamba")
+            out = xp.matmul(y, layer.out_w)
+            if layer.out_b is not None:
+                out = out + layer.out_b
+            h = h + _cast(xp, out, h.dtype)
+            if new_cache is None:
+                conv_state[...] = conv_new
+                ssm_state[...] = ssm_new
+            else:
+                new_cache.append((conv_new, ssm_new))
+        return h
+
+    def _graph_body(self, xp: Any, ids: Array, cache: Cache) -> Array:
+        """One decoding step from device token ids, the cache updated in place: what a CUDA graph holds."""
+        h = self._embed_flat(xp, ids)
+        return self._head(xp, self._step_layers(xp, h, cache, None))
 
     def _check_ids(self, input_ids: Any) -> tuple[np.ndarray, bool]:
         ids = np.asarray(input_ids)
@@ -677,6 +736,7 @@ class MambaLM:
         seed: int | None = None,
         *,
         eos_token_id: int | None = None,
+        cuda_graph: bool | None = None,
     ) -> Iterator[np.ndarray]:
         """Generate token by token: an iterator of the new tokens, (batch,) int64 each, as they come.
 
@@ -687,6 +747,13 @@ class MambaLM:
         whose probability reaches ``top_p``, with ``numpy.random.default_rng(seed)``.
         With ``eos_token_id``, a sequence that produced it keeps producing it, and the
         iterator stops when every sequence has.
+
+        ``cuda_graph`` (default: the model's ``cuda_graph`` attribute, True) replays the
+        whole decoding step as one CUDA graph when the weights are on a CUDA GPU (torch
+        on CUDA, cupy): the same kernels on the same data as :meth:`step`, without the
+        cost of launching them one by one from Python. The graph is captured at the
+        first use for a batch size and reused by later calls. If the capture fails, a
+        warning says why and decoding goes on with :meth:`step`.
         """
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
         ids, _ = self._check_ids(input_ids)
@@ -695,16 +762,47 @@ class MambaLM:
         rng = np.random.default_rng(seed)
         logits, cache = self.forward(ids, return_cache=True, last_only=True)
         logits = logits[:, 0, :]
-        finished = np.zeros(ids.shape[0], dtype=bool)
-        for i in range(max_new_tokens):
-            tokens = self._pick(logits, temperature, top_k, top_p, rng)
-            if eos_token_id is not None:
-                tokens[finished] = eos_token_id
-                finished |= tokens == eos_token_id
-            yield tokens
-            if i + 1 == max_new_tokens or finished.all():
-                return
-            logits, cache = self.step(tokens, cache)
+        graph = None
+        if max_new_tokens > 1 and (self.cuda_graph if cuda_graph is None else cuda_graph):
+            graph = self._decoding_graph(ids.shape[0])
+        if graph is not None:
+            graph.acquire(cache)  # the graph's own cache now holds the state; this one is dropped
+            cache = None
+        try:
+            finished = np.zeros(ids.shape[0], dtype=bool)
+            for i in range(max_new_tokens):
+                tokens = self._pick(logits, temperature, top_k, top_p, rng)
+                if eos_token_id is not None:
+                    tokens[finished] = eos_token_id
+                    finished |= tokens == eos_token_id
+                yield tokens
+                if i + 1 == max_new_tokens or finished.all():
+                    return
+                if graph is not None:
+                    logits = graph.step(tokens)  # the graph's logits buffer, read by _pick before the next step
+                else:
+                    logits, cache = self.step(tokens, cache)
+        finally:
+            if graph is not None:
+                graph.release()
+
+    def _decoding_graph(self, batch: int) -> "_GraphStep | None":
+        """The captured decoding step for ``batch`` sequences, or None (not on CUDA, in use, failed)."""
+        kind = _graph_kind(self)
+        if kind is None:
+            return None
+        if batch not in self._graphs:
+            try:
+                self._graphs[batch] = (_TorchGraphStep if kind == "torch" else _CupyGraphStep)(self, batch)
+            except Exception as exc:  # noqa: BLE001 - any failure of the capture: decode eagerly instead
+                self._graphs[batch] = None
+                warnings.warn(
+                    f"capturing the decoding step of batch {batch} in a CUDA graph failed ({type(exc).__name__}: "
+                    f"{exc}); this model decodes that batch size step by step instead (same results, slower)",
+                    RuntimeWarning, stacklevel=3,
+                )
+        graph = self._graphs[batch]
+        return None if graph is None or graph.busy else graph  # a second stream at once decodes step by step
 
     def generate(
         self,
@@ -717,12 +815,13 @@ class MambaLM:
         *,
         eos_token_id: int | None = None,
         callback: Callable[[np.ndarray], Any] | None = None,
+        cuda_graph: bool | None = None,
     ) -> np.ndarray:
         """The prompt followed by up to ``max_new_tokens`` generated tokens.
 
         Greedy when ``temperature == 0``, sampling otherwise (see :meth:`stream`, which
-        takes the same arguments). ``callback`` receives each new (batch,) array of tokens
-        as it is produced, for streaming.
+        takes the same arguments, ``cuda_graph`` included). ``callback`` receives each new
+        (batch,) array of tokens as it is produced, for streaming.
 
         Returns
         -------
@@ -730,7 +829,9 @@ class MambaLM:
         """
         ids, squeeze = self._check_ids(input_ids)
         new = []
-        for tokens in self.stream(ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id=eos_token_id):
+        tokens_iter = self.stream(ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id=eos_token_id,
+                                  cuda_graph=cuda_graph)
+        for tokens in tokens_iter:
             new.append(tokens)
             if callback is not None:
                 callback(tokens)
@@ -742,6 +843,123 @@ class MambaLM:
             xp = self.backend.namespace()
             return np.asarray(self.backend.to_numpy(xp.argmax(logits, axis=-1)), dtype=np.int64)
         return sample_logits(self.backend.to_numpy(logits), temperature, top_k, top_p, rng)
+
+
+class _LayerStep:
+    """One layer's parameters as the decoding step uses them, prepared once at construction:
+    the projections as the (in, out) views that ``x @ W.T`` multiplies by, the conv weight as
+    (d_inner, d_conv), and A = -exp(A_log)."""
+
+    __slots__ = ("norm", "in_w", "in_b", "conv_w", "conv_b", "x_w", "dt_w", "dt_b", "A", "D", "out_w", "out_b")
+
+    def __init__(self, xp: Any, params: Mapping[str, Array], norm: Array) -> None:
+        t = xp.matrix_transpose
+        self.norm = norm
+        self.in_w, self.in_b = t(params["in_proj.weight"]), params.get("in_proj.bias")
+        self.conv_w, self.conv_b = params["conv1d.weight"][:, 0, :], params.get("conv1d.bias")
+        self.x_w, self.dt_w, self.dt_b = t(params["x_proj.weight"]), t(params["dt_proj.weight"]), params["dt_proj.bias"]
+        self.A, self.D = -xp.exp(params["A_log"]), params["D"]
+        self.out_w, self.out_b = t(params["out_proj.weight"]), params.get("out_proj.bias")
+
+
+def _graph_kind(model: MambaLM) -> str | None:
+    """"torch" or "cupy" when the model's weights are on a CUDA GPU, else None."""
+    if model.backend.name == "cupy":
+        return "cupy"
+    if model.backend.name == "torch" and getattr(model.embedding, "is_cuda", False):
+        return "torch"
+    return None
+
+
+class _GraphStep:
+    """A whole decoding step (embedding, every layer, final norm, head) captured as one CUDA graph.
+
+    It owns static buffers: the token ids (batch,), one (conv_state, ssm_state) pair per
+    layer, which each replay reads and overwrites with the next state, and the logits
+    (batch, vocab_size), which each replay overwrites. The capture runs the step twice
+    first (kernel compilation, library handles, the memory pool), so that nothing in the
+    captured step allocates device memory for the first time or waits for the device.
+    """
+
+    busy = False
+
+    def acquire(self, cache: Cache) -> None:
+        """Start decoding from ``cache`` (copied into the graph's own)."""
+        self.busy = True
+        for (conv, ssm), (conv_new, ssm_new) in zip(self.cache, cache):
+            conv[...] = conv_new
+            ssm[...] = ssm_new
+
+    def release(self) -> None:
+        self.busy = False
+
+    def step(self, tokens: np.ndarray) -> Array:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class _TorchGraphStep(_GraphStep):
+    def __init__(self, model: MambaLM, batch: int) -> None:
+        import torch
+
+        device = model.embedding.device
+        with model._on_backend() as xp, torch.no_grad(), torch.cuda.device(device):
+            self.ids = torch.zeros(batch, dtype=torch.int64, device=device)
+            self.cache = model.init_cache(batch)
+            side = torch.cuda.Stream(device)  # warm up off the capture, as torch.cuda.graph asks
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model._graph_body(xp, self.ids, self.cache)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # a private memory pool: the step's temporaries stay its own
+                self.logits = model._graph_body(xp, self.ids, self.cache)
+        self._torch = torch
+
+    def step(self, tokens: np.ndarray) -> Array:
+        self.ids.copy_(self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)))
+        self.graph.replay()
+        return self.logits
+
+
+class _CupyGraphStep(_GraphStep):
+    def __init__(self, model: MambaLM, batch: int) -> None:
+        import cupy as cp
+
+        self.stream = cp.cuda.Stream(non_blocking=True)  # capture needs a stream of its own
+        # A private memory pool: the temporaries the step frees during the capture return to
+        # it and are never handed to other arrays, which the replays would overwrite.
+        self.pool = cp.cuda.MemoryPool()
+        self._ready, self._done = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
+        with model._on_backend() as xp, model.embedding.device, cp.cuda.using_allocator(self.pool.malloc):
+            caller = cp.cuda.get_current_stream()
+            with self.stream:
+                self.stream.wait_event(caller.record())  # the weights are written
+                self.ids = cp.zeros(batch, dtype=cp.int64)
+                self.cache = model.init_cache(batch)
+                for _ in range(2):  # compile, and fill the pool with the blocks the step uses
+                    model._graph_body(xp, self.ids, self.cache)
+                self.stream.synchronize()
+                self.stream.begin_capture()
+                try:
+                    self.logits = model._graph_body(xp, self.ids, self.cache)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        self.stream.end_capture()
+                    raise
+                self.graph = self.stream.end_capture()
+
+    def step(self, tokens: np.ndarray) -> Array:
+        import cupy as cp
+
+        caller = cp.cuda.get_current_stream()
+        self.ids.set(np.ascontiguousarray(tokens, dtype=np.int64), stream=caller)
+        caller.record(self._ready)
+        self.stream.wait_event(self._ready)
+        self.graph.launch(self.stream)
+        self.stream.record(self._done)
+        caller.wait_event(self._done)  # whatever reads the logits next, on the caller's stream, waits for them
+        return self.logits
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
