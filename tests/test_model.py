@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 tokenizers = pytest.importorskip("tokenizers")
 
-from portassm import generate_cli  # noqa: E402
+import portassm  # noqa: E402
+from portassm import generate_cli, model as model_module  # noqa: E402
 from portassm.model import (  # noqa: E402
     CheckpointError, MambaConfig, MambaLM, _read_safetensors_widening, read_checkpoint, sample_logits,
 )
@@ -310,6 +312,156 @@ def test_token_errors(peer):
         model.forward(np.zeros((2, 0), dtype=np.int64))
     with pytest.raises(ValueError, match="cache is for batch 2"):
         model.step([1, 2, 3], model.init_cache(2))
+
+
+# ------------------------------------------------------------------------------- decoding with CUDA graphs
+
+
+def test_in_place_step_matches_step(backend, peer):
+    """The step a CUDA graph captures (device ids in, the cache overwritten in place) computes
+    exactly what :meth:`MambaLM.step` returns, on every backend."""
+    model = MambaLM.from_pretrained(peer["path"])
+    xp = backend.namespace()
+    _, cache = model.forward(peer["ids"], return_cache=True)
+    own = model.init_cache(3)
+    for (conv, ssm), (conv_new, ssm_new) in zip(own, cache):
+        conv[...] = conv_new
+        ssm[...] = ssm_new
+    for t in range(3):
+        tokens = peer["sequences"][:, PROMPT_LEN + t]
+        logits, cache = model.step(tokens, cache)
+        in_place = model._graph_body(xp, backend.asarray(tokens), own)
+        np.testing.assert_array_equal(backend.to_numpy(in_place), backend.to_numpy(logits))
+    for (conv, ssm), (conv_new, ssm_new) in zip(own, cache):
+        np.testing.assert_array_equal(backend.to_numpy(conv), backend.to_numpy(conv_new))
+        np.testing.assert_array_equal(backend.to_numpy(ssm), backend.to_numpy(ssm_new))
+
+
+def test_failed_capture_warns_and_decodes_step_by_step(peer, monkeypatch):
+    class Refused:
+        def __init__(self, model, batch):
+            raise RuntimeError("capture refused")
+
+    model = MambaLM.from_pretrained(peer["path"], backend="numpy")
+    eager = model.generate(peer["ids"], NEW_TOKENS, temperature=0, cuda_graph=False)
+    monkeypatch.setattr(model_module, "_graph_kind", lambda m: "torch")
+    monkeypatch.setattr(model_module, "_TorchGraphStep", Refused)
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed .*capture refused"):
+        tokens = model.generate(peer["ids"], NEW_TOKENS, temperature=0)
+    np.testing.assert_array_equal(tokens, eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tried once per batch size, not at every call
+        np.testing.assert_array_equal(model.generate(peer["ids"], NEW_TOKENS, temperature=0), eager)
+
+
+def _cuda_model(name: str, path, **kwargs) -> MambaLM:
+    reason = portassm.available_backends()[name]
+    if reason is not None:
+        pytest.skip(f"backend {name!r} unavailable here: {reason}")
+    model = MambaLM.from_pretrained(path, backend=name, **kwargs)
+    if model_module._graph_kind(model) is None:
+        pytest.skip(f"the {name} backend is not on a CUDA GPU here")
+    return model
+
+
+class _StandIn(model_module._GraphStep):
+    """The static buffers and in-place step of a captured graph, run eagerly on the host."""
+
+    def __init__(self, model, batch):
+        self.model = model
+        self.ids = model.backend.asarray(np.zeros(batch, dtype=np.int64))
+        self.cache = model.init_cache(batch)
+
+    def step(self, tokens):
+        with self.model._on_backend() as xp:
+            self.ids[...] = self.model.backend.asarray(tokens)
+            self.logits = self.model._graph_body(xp, self.ids, self.cache)
+        return self.logits
+
+
+def test_graph_decoding_plumbing_on_the_host(peer, monkeypatch):
+    """What the GPU tests check of captured graphs, with the step run eagerly on its static buffers."""
+    model = MambaLM.from_pretrained(peer["path"], backend="numpy")
+    monkeypatch.setattr(model_module, "_graph_kind", lambda m: "torch")
+    monkeypatch.setattr(model_module, "_TorchGraphStep", _StandIn)
+    _check_graph_decoding(model, peer)
+    _check_two_streams(model, peer)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch", "cupy"])
+def test_cuda_graph_decoding_gives_the_eager_tokens(name, peer):
+    _check_graph_decoding(_cuda_model(name, peer["path"]), peer)
+
+
+def _check_graph_decoding(model, peer):
+    ids = peer["ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture fails the test
+        graph = model.generate(ids, NEW_TOKENS, temperature=0, cuda_graph=True)
+    captured = model._graphs[3]
+    assert isinstance(captured, model_module._GraphStep) and not captured.busy
+    eager = model.generate(ids, NEW_TOKENS, temperature=0, cuda_graph=False)
+    np.testing.assert_array_equal(graph, eager)
+    np.testing.assert_array_equal(graph, peer["sequences"])
+    # every generated token is the argmax of the full forward's logits at the position before it
+    full = model.backend.to_numpy(model.forward(graph[:, :-1]))
+    np.testing.assert_array_equal(full[:, PROMPT_LEN - 1:].argmax(-1), graph[:, PROMPT_LEN:])
+    # the graph is reused by later calls, another batch size captures its own
+    np.testing.assert_array_equal(model.generate(ids, NEW_TOKENS, temperature=0), graph)
+    assert model._graphs[3] is captured
+    np.testing.assert_array_equal(model.generate(ids[1], NEW_TOKENS, temperature=0), graph[1])
+    assert isinstance(model._graphs[1], model_module._GraphStep)
+    # sampling draws the same tokens from the same logits
+    np.testing.assert_array_equal(
+        model.generate(ids, NEW_TOKENS, temperature=1.5, top_k=20, seed=3),
+        model.generate(ids, NEW_TOKENS, temperature=1.5, top_k=20, seed=3, cuda_graph=False),
+    )
+    # the logits of each replay are the eager step's, and the graph's cache follows the eager one
+    logits, cache = model.forward(ids, return_cache=True, last_only=True)
+    captured.acquire(cache)
+    try:
+        for t in range(PROMPT_LEN, PROMPT_LEN + 4):
+            replayed = model.backend.to_numpy(captured.step(graph[:, t]))
+            logits, cache = model.step(graph[:, t], cache)
+            np.testing.assert_array_equal(replayed, model.backend.to_numpy(logits))
+        for (conv, ssm), (conv_new, ssm_new) in zip(captured.cache, cache):
+            np.testing.assert_array_equal(model.backend.to_numpy(ssm), model.backend.to_numpy(ssm_new))
+            np.testing.assert_array_equal(model.backend.to_numpy(conv), model.backend.to_numpy(conv_new))
+    finally:
+        captured.release()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch", "cupy"])
+def test_two_streams_at_once_share_no_graph(name, peer):
+    _check_two_streams(_cuda_model(name, peer["path"]), peer)
+
+
+def _check_two_streams(model, peer):
+    """A second stream while the graph decodes the first goes step by step: both stay right."""
+    ids = peer["ids"]
+    first = model.stream(ids, NEW_TOKENS, temperature=0)
+    second = model.stream(ids, NEW_TOKENS, temperature=0)
+    pairs = [(a, b) for a, b in zip(first, second)]
+    expected = peer["sequences"][:, PROMPT_LEN:]
+    np.testing.assert_array_equal(np.stack([a for a, _ in pairs], axis=1), expected)
+    np.testing.assert_array_equal(np.stack([b for _, b in pairs], axis=1), expected)
+    assert not model._graphs[3].busy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch", "cupy"])
+def test_cuda_graph_float64_and_eos(name, peer):
+    model = _cuda_model(name, peer["path"], dtype="float64")
+    reference = MambaLM.from_pretrained(peer["path"], dtype="float64", backend="numpy")
+    ids = peer["ids"]
+    np.testing.assert_array_equal(model.generate(ids, 8, temperature=0), reference.generate(ids, 8, temperature=0))
+    eos = int(peer["sequences"][0, PROMPT_LEN + 2])
+    np.testing.assert_array_equal(
+        model.generate(ids, NEW_TOKENS, temperature=0, eos_token_id=eos),
+        model.generate(ids, NEW_TOKENS, temperature=0, eos_token_id=eos, cuda_graph=False),
+    )
 
 
 # -------------------------------------------------------------------------------------- bad checkpoints
