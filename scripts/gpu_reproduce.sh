@@ -6,7 +6,7 @@
 # copying and induction heads, each with the selective layer (S6) and the time-invariant
 # one (S4-style), every layer with the same wall-clock budget (TRAIN seconds; the
 # learning rate decays over it). Logs, tables (.md), measurements (.json) and plots
-# (.png) land in $OUT; the tables are printed last.
+# (.png) land in $OUT (packed into reproduce.tar.gz); the tables are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/device_env.sh || exit 1
@@ -35,4 +35,6 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 echo "all runs done after $((SECONDS - start)) s (exit $status)"
 for log in "$OUT"/*.log; do echo "== $log"; tail -n 4 "$log"; done
 for table in "$OUT"/*.md; do echo; echo "## $(basename "$table")"; cat "$table"; done
+# the device tool returns a few files only: pack the plots, measurements and logs into one
+(cd "$OUT" && tar czf reproduce.tar.gz ./*.json ./*.png ./*.log && rm -f ./*.json ./*.png ./*.log)
 exit $status
