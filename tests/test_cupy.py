@@ -90,12 +90,15 @@ def nvrtc() -> _NVRTC:
         pytest.skip(f"NVRTC cannot be loaded here: {exc}")
 
 
-# each storage type, each states-per-thread variant and each discretisation at least once
+# each storage type, each states-per-thread variant, each lanes-per-channel variant
+# (None: dstate > 32, the split layout alone) and each discretisation at least once
 _COMPILED = [
-    ("scan.cu", "float", "float", 4, 0), ("scan.cu", "double", "double", 4, 1), ("scan.cu", "bf16_t", "float", 4, 0),
-    ("scan.cu", "f16_t", "float", 4, 2), ("scan.cu", "float", "float", 8, 1), ("scan.cu", "bf16_t", "float", 16, 2),
-    ("step.cu", "float", "float", None, 0), ("step.cu", "double", "double", None, 1),
-    ("step.cu", "bf16_t", "float", None, 2), ("step.cu", "f16_t", "float", None, 0),
+    ("scan.cu", "float", "float", 4, 0, 16), ("scan.cu", "double", "double", 4, 1, 16),
+    ("scan.cu", "bf16_t", "float", 4, 0, 16), ("scan.cu", "f16_t", "float", 4, 2, 16),
+    ("scan.cu", "float", "float", 8, 1, 32), ("scan.cu", "bf16_t", "float", 8, 0, 32),
+    ("scan.cu", "bf16_t", "float", 16, 2, None), ("scan.cu", "float", "float", 4, 1, 16),
+    ("step.cu", "float", "float", None, 0, None), ("step.cu", "double", "double", None, 1, None),
+    ("step.cu", "bf16_t", "float", None, 2, None), ("step.cu", "f16_t", "float", None, 0, None),
 ]
 
 
@@ -103,10 +106,10 @@ def test_every_source_is_compiled_here():
     assert {c[0] for c in _COMPILED} == set(cupy_cuda.kernel_sources())
 
 
-@pytest.mark.parametrize("source, storage, compute, npt, disc", _COMPILED, ids=lambda v: str(v))
-def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, npt, disc):
+@pytest.mark.parametrize("source, storage, compute, npt, disc, nl", _COMPILED, ids=lambda v: str(v))
+def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, npt, disc, nl):
     text = cupy_cuda.kernel_sources()[source]
-    names = cupy_cuda.kernel_names(source, storage, compute, npt, disc)
+    names = cupy_cuda.kernel_names(source, storage, compute, npt, disc, nl)
     ok, log = nvrtc.compile(text, source, names, [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90"])
     assert ok, f"{source} {names} does not compile with NVRTC {nvrtc.version}:\n{log}"
     assert "warning" not in log.lower(), log

@@ -54,7 +54,9 @@ _DISC = {"mamba": 0, "zoh": 1, "bilinear": 2}
 _DEFAULT_SMEM = 48 * 1024
 _MAX_SMEM = 227 * 1024  # a block's shared memory on sm_90, after opting in
 
-_options: dict[str, Any] = {"chunk": None, "min_threads": None}
+_options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None}
+LAYOUTS = ("lanes", "split")
+LANES = (16, 32)  # lanes per channel of the one-state-per-lane kernels: dstate <= 16, <= 32
 #: extra preprocessor definitions for the .cu sources (the benchmark's layout variants)
 _defines: tuple[str, ...] = ()
 _lock = threading.Lock()
@@ -78,14 +80,20 @@ def kernel_sources() -> dict[str, str]:
     }
 
 
-def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc: int) -> list[str]:
-    """The template instantiations of one module: ``scan.cu`` or ``step.cu``."""
+def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc: int, nl: int | None = None) -> list[str]:
+    """The template instantiations of one module: ``scan.cu`` or ``step.cu``; ``nl``: the
+    lanes per channel of the one-state-per-lane kernels (None: those are not compiled)."""
     if source == "scan.cu":
-        return [
+        names = [
             f"scan_fwd_kernel<{storage},{compute},{npt},{disc}>",
             f"scan_bwd_kernel<{storage},{compute},{npt},{disc}>",
             f"chunk_combine_kernel<{compute}>",
         ]
+        if nl is not None:
+            names.append(f"scan_fwd_lanes_kernel<{storage},{compute},{nl},{disc}>")
+            if nl == 16 and compute == "float":
+                names.append(f"scan_bwd_lanes_kernel<{storage},{compute},{nl},{disc}>")
+        return names
     return [f"scan_step_kernel<{storage},{compute},{disc}>"]
 
 
@@ -119,14 +127,14 @@ class _Module:
 _modules: dict[tuple, _Module] = {}
 
 
-def _module(source: str, storage: str, compute: str, npt: int | None, disc: int) -> _Module:
-    key = (source, storage, compute, npt, disc, _defines)
+def _module(source: str, storage: str, compute: str, npt: int | None, disc: int, nl: int | None = None) -> _Module:
+    key = (source, storage, compute, npt, disc, nl, _defines)
     module = _modules.get(key)
     if module is None:
         with _lock:
             module = _modules.get(key)
             if module is None:
-                names = kernel_names(source, storage, compute, npt, disc)
+                names = kernel_names(source, storage, compute, npt, disc, nl)
                 module = _modules[key] = _Module(source, names, _defines)
     return module
 
@@ -157,12 +165,22 @@ def configure(**options: Any) -> None:
         32) scanned in parallel; None (the default) chooses from the problem's size.
     min_threads : int or None
         Below this many threads for batch * dim alone, the sequence is chunked to reach
-        about twice as many; None: 256 per multiprocessor.
+        about twice as many; None: 256 per multiprocessor (1024 with the "lanes" layout).
+    layout : "lanes", "split" or None
+        The forward's thread layout: "lanes", one state per lane (16 or 32 lanes per
+        channel; dstate <= 32), or "split", 4 lanes per channel each holding dstate / 4
+        states (any dstate up to 64). None (the default): "lanes" where dstate allows.
     """
     unknown = set(options) - set(_options)
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))} for the cupy backend; known: chunk, min_threads")
+        raise TypeError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for the cupy backend; known: chunk, min_threads, layout"
+        )
     for name, value in options.items():
+        if name == "layout":
+            if value is not None and value not in LAYOUTS:
+                raise ValueError(f"layout must be one of {LAYOUTS} or None, got {value!r}")
+            continue
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     _options.update(options)
@@ -262,6 +280,25 @@ def _states_per_thread(dstate: int) -> int:
     )
 
 
+def _lanes(dstate: int) -> int | None:
+    """Lanes per channel of the one-state-per-lane kernels, or None for the split layout."""
+    if _options["layout"] == "split":
+        return None
+    for nl in LANES:
+        if dstate <= nl:
+            return nl
+    return None
+
+
+def _define_int(name: str, default: int) -> int:
+    """The value of a -D definition of the benchmark's variants, else the sources' default."""
+    for d in _defines:
+        key, _, value = d.partition("=")
+        if key == name:
+            return int(value)
+    return default
+
+
 def _dtype_name(a: Any) -> str:
     return a.dtype.name
 
@@ -314,9 +351,24 @@ class _Scan:
         self.Cinv = None if gc else self.small(C)
         self.gspan = _group_span(self.dim, self.groups) if (gb or gc) else 1
         self.nblk = -(-self.dim // CH_BLOCK)
+        self.nl = _lanes(self.dstate)
+        if self.nl is not None:
+            self.ls_threads = 32 * _define_int("LS_WARPS", 4)
+            self.ls_cpb = self.ls_threads // self.nl  # channels per block
+            per = 16 // np.dtype(self.T).itemsize
+            self.vec_bc = int(
+                self.seqlen % per == 0 and all(M is None or M.data.ptr % 16 == 0 for M in (self.Bsel, self.Csel))
+            )
+        # the one-state-per-lane backward: 16 lanes, float32 compute, and each block's
+        # channels in one group (its dB, dC partial sums are per block)
+        self.bw_cpb = 2 * _define_int("BW_WARPS", 16)
+        self.bw_lanes = self.nl == 16 and not self.wide and (
+            (gb is None and gc is None) or (self.dim // self.groups) % self.bw_cpb == 0
+        )
+        self.bw_nblk = -(-self.dim // self.bw_cpb)
         self.chunk_len, self.K = self._chunking(u)
         self.smem_fwd(), self.smem_bwd()  # a ValueError now, before any launch, when too large
-        self.module = _module("scan.cu", self.storage, self.compute, self.npt, self.disc)
+        self.module = _module("scan.cu", self.storage, self.compute, self.npt, self.disc, self.nl)
         self.args_tail = (
             _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.gspan),
             _i64(self.chunk_len),
@@ -339,8 +391,12 @@ class _Scan:
         if _options["chunk"] is not None:
             clen = -(-_options["chunk"] // FWD_TT) * FWD_TT
         else:
-            threads = self.batch * self.nblk * THREADS
-            floor = _options["min_threads"] or 256 * _multiprocessors(u)
+            if self.nl is None:
+                threads = self.batch * self.nblk * THREADS
+                floor = _options["min_threads"] or 256 * _multiprocessors(u)
+            else:
+                threads = self.batch * self.dim * self.nl
+                floor = _options["min_threads"] or 1024 * _multiprocessors(u)
             if threads >= floor or L < 512:
                 return L, 1
             K = min(-(-2 * floor // threads), L // 256)
@@ -377,6 +433,19 @@ class _Scan:
     def forward(self, out, h0, h0_chunks, hend, pend, ckpt, nck=0, K=None):
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
+        if self.nl is not None:
+            kernel = self.module.kernel(f"scan_fwd_lanes_kernel<{self.storage},{self.compute},{self.nl},{self.disc}>", 0)
+            kernel(
+                (-(-self.dim // self.ls_cpb), self.batch, K), (self.ls_threads,),
+                (
+                    _ptr(self.u), _ptr(self.delta), _ptr(self.z), _ptr(out), _ptr(self.A), _ptr(self.Bsel),
+                    _ptr(self.Binv), _ptr(self.Csel), _ptr(self.Cinv), _ptr(self.D), _ptr(self.delta_bias),
+                    _i32(self.softplus), _ptr(h0), _i32(h0_chunks), _ptr(hend), _ptr(pend), _ptr(ckpt), _i32(nck),
+                    _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
+                    _i64(self.chunk_len),
+                ),
+            )
+            return
         smem = self.smem_fwd()
         kernel = self.module.kernel(f"scan_fwd_kernel<{self.storage},{self.compute},{self.npt},{self.disc}>", smem)
         kernel(
@@ -409,19 +478,32 @@ class _Scan:
         self.combine(self.initial_state, P, hend, hstart, final, 0)
         return hstart, P
 
+    def part_blocks(self) -> int:
+        """Rows of the backward's per-block dB, dC partial sums."""
+        return self.bw_nblk if self.bw_lanes else self.nblk * self.gspan
+
     def backward(self, dout, g0, g0_chunks, gout, ckpt, nck, grads):
-        smem = self.smem_bwd()
-        kernel = self.module.kernel(f"scan_bwd_kernel<{self.storage},{self.compute},{self.npt},{self.disc}>", smem)
         g = grads or {}
+        if self.bw_lanes:
+            kernel = self.module.kernel(f"scan_bwd_lanes_kernel<{self.storage},{self.compute},16,{self.disc}>", 0)
+            grid, block, smem = (self.bw_nblk, self.batch, self.K), (16 * self.bw_cpb,), 0
+            tail = (
+                _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
+                _i64(self.chunk_len),
+            )
+        else:
+            smem = self.smem_bwd()
+            kernel = self.module.kernel(f"scan_bwd_kernel<{self.storage},{self.compute},{self.npt},{self.disc}>", smem)
+            grid, block, tail = (self.nblk, self.batch, self.K), (THREADS,), self.args_tail
         kernel(
-            (self.nblk, self.batch, self.K), (THREADS,),
+            grid, block,
             (
                 _ptr(dout), _ptr(self.u), _ptr(self.delta), _ptr(self.z), _ptr(self.A), _ptr(self.Bsel),
                 _ptr(self.Binv), _ptr(self.Csel), _ptr(self.Cinv), _ptr(self.D), _ptr(self.delta_bias),
                 _i32(self.softplus), _ptr(ckpt), _i32(nck), _ptr(g0), _i32(g0_chunks), _ptr(gout),
                 *(_ptr(g.get(name)) for name in (
                     "du", "ddelta", "dz", "dA", "dBinv", "dCinv", "dB", "dC", "dD", "dbias")),
-                *self.args_tail,
+                *tail,
             ),
             shared_mem=smem,
         )
@@ -430,7 +512,9 @@ class _Scan:
         """(blocks*gspan, batch, dstate, seqlen) partial sums -> (batch, groups, dstate, seqlen), in a fixed order."""
         cp, G = self.cp, self.groups
         cpg = self.dim // G
-        if self.gspan == 1 and cpg % CH_BLOCK == 0:
+        if self.bw_lanes:  # blocks of bw_cpb channels, each inside one group
+            total = part.reshape(G, cpg // self.bw_cpb, self.batch, self.dstate, self.seqlen).sum(axis=1)
+        elif self.gspan == 1 and cpg % CH_BLOCK == 0:
             total = part.reshape(G, cpg // CH_BLOCK, self.batch, self.dstate, self.seqlen).sum(axis=1)
         else:
             M = np.zeros((G, self.nblk * self.gspan), dtype=np.dtype(self.W))
@@ -503,8 +587,8 @@ def scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
         "dA": s.empty(b_, d_, K, N),
         "dBinv": None if s.Binv is None else s.empty(b_, d_, K, N),
         "dCinv": None if s.Cinv is None else s.empty(b_, d_, K, N),
-        "dB": None if s.Bsel is None else s.empty(s.nblk * s.gspan, b_, N, L),
-        "dC": None if s.Csel is None else s.empty(s.nblk * s.gspan, b_, N, L),
+        "dB": None if s.Bsel is None else s.empty(s.part_blocks(), b_, N, L),
+        "dC": None if s.Csel is None else s.empty(s.part_blocks(), b_, N, L),
         "dD": None if s.D is None else s.empty(b_, d_, K),
         "dbias": None if s.delta_bias is None else s.empty(b_, d_, K),
     }

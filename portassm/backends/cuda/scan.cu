@@ -580,3 +580,430 @@ __global__ void __launch_bounds__(THREADS, BWD_MIN_BLOCKS) scan_bwd_kernel(
         }
     }
 }
+
+// =================================================================================
+// One state per lane (the default layout for dstate <= 32; docs/backends/cupy.md).
+//
+// A channel (b, d) is NL lanes of a warp (NL = 16 or 32, a power of two >= dstate),
+// lane n owning state n; a warp holds 32 / NL channels and needs no barrier and no
+// other warp. Time runs over tiles of TT = NL steps:
+//   * lane i stages step i of the tile: u_i, delta_i (z_i) loaded coalesced, dt_i =
+//     softplus(delta_i + bias) once, and (dt_i, dt_i*u_i) written to the warp's slice of
+//     shared memory; every lane then reads each step's pair as a broadcast;
+//   * lane n reads its own rows B[b, g, n, t0 .. t0+TT) and C[b, g, n, ...] (16-byte loads;
+//     the channels of a group read the same rows, which L1 and L2 serve);
+//   * the step k: Abar = 2^(dt_k * A_n*log2 e), h = Abar*h + B_k*(dt_k*u_k), p_k = C_k*h,
+//     with nothing but the FMA on h's dependency chain;
+//   * after the tile, a transposed butterfly sums p over the NL lanes: at offset o each
+//     lane keeps half of its remaining partials and receives its partner's half of the
+//     others (NL - 1 shuffles per tile), so lane i ends with y of step i and writes it.
+// Steps past the end of the sequence are staged as dt = 0, dt*u = 0: Abar = 1 and the
+// state does not move, for every discretisation.
+// =================================================================================
+#ifndef LS_WARPS  // warps per block
+#define LS_WARPS 4
+#endif
+#ifndef LS_MIN_BLOCKS  // blocks per multiprocessor the register allocation must allow (NL = 16, float)
+#define LS_MIN_BLOCKS 8
+#endif
+// fewer for 32 lanes (twice the partials per lane) and for double (two registers a value)
+#define LS_BLOCKS(NL, W) (LS_MIN_BLOCKS * 16 / (NL) / (int)(sizeof(W) / 4) > 0 ? LS_MIN_BLOCKS * 16 / (NL) / (int)(sizeof(W) / 4) : 1)
+
+// the elements of one 16-byte word, widened (the tag argument picks the storage type)
+PA_DEV void unpack16(uint4 q, float* v, const float*) {
+    v[0] = __uint_as_float(q.x); v[1] = __uint_as_float(q.y); v[2] = __uint_as_float(q.z); v[3] = __uint_as_float(q.w);
+}
+PA_DEV void unpack16(uint4 q, double* v, const double*) {
+    v[0] = __hiloint2double((int)q.y, (int)q.x);
+    v[1] = __hiloint2double((int)q.w, (int)q.z);
+}
+PA_DEV void unpack16(uint4 q, float* v, const bf16_t*) {
+    const unsigned int w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+PA_DEV void unpack16(uint4 q, float* v, const f16_t*) {
+    const unsigned int w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = widen(f16_t{(unsigned short)(w[i] & 0xffffu)});
+        v[2 * i + 1] = widen(f16_t{(unsigned short)(w[i] >> 16)});
+    }
+}
+
+// TT consecutive values of one row (p at a tile's start), nv of them valid, the rest 0;
+// 16-byte loads when vec (the caller checked the alignment) and the tile is whole.
+template <int TT, typename T, typename W>
+PA_DEV void load_row(W (&v)[TT], const T* __restrict__ p, int nv, bool vec) {
+    constexpr int PER = 16 / sizeof(T);
+    if (vec && nv == TT && TT % PER == 0) {
+        uint4 q[TT / PER > 0 ? TT / PER : 1];
+#pragma unroll
+        for (int j = 0; j < TT / PER; ++j) q[j] = __ldg(reinterpret_cast<const uint4*>(p) + j);
+#pragma unroll
+        for (int j = 0; j < TT / PER; ++j) unpack16(q[j], v + j * PER, p);
+    } else {
+#pragma unroll
+        for (int j = 0; j < TT; ++j) v[j] = j < nv ? widen(p[j]) : W(0);
+    }
+}
+
+// Transposed butterfly: p[k] is this lane's part of step k's sum; returns the sum over
+// the NL lanes of step `lane` (lane in [0, NL)). Fixed order: bit-identical on repeats.
+template <int O, int NL, typename W>
+PA_DEV void butterfly_stage(W (&p)[NL], int lane) {
+    const bool hi = (lane & O) != 0;
+#pragma unroll
+    for (int j = 0; j < O; ++j) {
+        const W send = hi ? p[j] : p[j + O];
+        const W keep = hi ? p[j + O] : p[j];
+        p[j] = keep + __shfl_xor_sync(0xffffffffu, send, O, NL);
+    }
+    if constexpr (O > 1) butterfly_stage<O / 2, NL>(p, lane);
+}
+template <int NL, typename W>
+PA_DEV W transpose_sum(W (&p)[NL], int lane) {
+    butterfly_stage<NL / 2, NL>(p, lane);
+    return p[0];
+}
+
+// the pair (dt_k, x_k) of step k from the warp's staging slice (16-byte reads of two
+// steps for float)
+PA_DEV void staged_pair(const float* s, int k, float& a, float& x) {
+    const float4 q = reinterpret_cast<const float4*>(s)[k / 2];
+    a = (k % 2) ? q.z : q.x;
+    x = (k % 2) ? q.w : q.y;
+}
+PA_DEV void staged_pair(const double* s, int k, double& a, double& x) {
+    const double2 q = reinterpret_cast<const double2*>(s)[k];
+    a = q.x;
+    x = q.y;
+}
+
+// Forward, same arguments and modes as scan_fwd_kernel (out, hend, pend, ckpt, h0),
+// vec_bc: the selective B and C rows allow 16-byte loads. Grid (ceil(dim / CPB),
+// batch, chunks), LS_WARPS * 32 threads, CPB = LS_WARPS * 32 / NL channels per block.
+template <typename T, typename W, int NL, int DISC>
+__global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lanes_kernel(
+    const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, T* __restrict__ out,
+    const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv, const T* __restrict__ Csel,
+    const W* __restrict__ Cinv, const W* __restrict__ D, const W* __restrict__ delta_bias, int softplus_flag,
+    const W* __restrict__ h0, int h0_chunks, W* __restrict__ hend, W* __restrict__ pend, W* __restrict__ ckpt,
+    int nck, int dim, int dstate, long long seqlen, int groups, int vec_bc, long long chunk_len) {
+    constexpr int TT = NL, CPW = 32 / NL, CPB = CPW * LS_WARPS;
+    __shared__ __align__(16) W s_x[LS_WARPS * CPW * TT * 2];  // per channel and step: (dt, dt*u or u)
+    const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / NL, n = threadIdx.x % NL;
+    const int d = blockIdx.x * CPB + warp * CPW + sub;
+    const bool dvalid = d < dim, nvalid = dvalid && n < dstate;
+    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z;
+    const long long t_begin = (long long)k * chunk_len;
+    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+    const int dd = dvalid ? d : 0, ns = n < dstate ? n : 0;
+    const size_t chan = (size_t)b * dim + dd, row = chan * seqlen;
+    const int g = dd / (dim / groups);
+    const T* brow = Bsel ? Bsel + (((size_t)b * groups + g) * dstate + ns) * seqlen : nullptr;
+    const T* crow = Csel ? Csel + (((size_t)b * groups + g) * dstate + ns) * seqlen : nullptr;
+    const W An = nvalid ? A[(size_t)d * dstate + n] : W(0), A2 = An * W(1.4426950408889634);
+    const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
+    const W binv = (nvalid && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
+    const W cinv = (nvalid && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
+    W h = (nvalid && h0) ? h0[(chan * h0_chunks + (h0_chunks == 1 ? 0 : k)) * dstate + n] : W(0);
+    W prod = W(1);
+    W* sx = s_x + (warp * CPW + sub) * TT * 2;
+    const bool want_out = out != nullptr;
+
+    auto body = [&](auto with_out, auto with_prod) {
+        constexpr bool WO = decltype(with_out)::value, WP = decltype(with_prod)::value;
+        for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
+            const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
+            const bool tv = dvalid && n < nt;
+            const long long t = t0 + n;
+            W uu = W(0), dt = W(0), zz = W(0);
+            if (tv) {
+                uu = widen(u[row + t]);
+                dt = widen(delta[row + t]) + bias;
+                if (WO && z) zz = widen(z[row + t]);
+            }
+            W bv[TT], cv[TT];
+            if (Bsel) load_row<TT>(bv, brow + t0, nvalid ? nt : 0, vec_bc != 0);
+            else {
+#pragma unroll
+                for (int j = 0; j < TT; ++j) bv[j] = binv;
+            }
+            if (WO) {
+                if (Csel) load_row<TT>(cv, crow + t0, nvalid ? nt : 0, vec_bc != 0);
+                else {
+#pragma unroll
+                    for (int j = 0; j < TT; ++j) cv[j] = cinv;
+                }
+            }
+            if (tv && softplus_flag) dt = softplus(dt);
+            __syncwarp();  // the previous tile's readers are done
+            sx[2 * n] = dt;
+            sx[2 * n + 1] = DISC == DISC_MAMBA ? dt * uu : uu;
+            __syncwarp();
+            W p[TT];
+#pragma unroll
+            for (int kk = 0; kk < TT; ++kk) {
+                if (kk % CKPT_T == 0 && ckpt && nvalid && kk < nt) ckpt[(chan * nck + (t0 + kk) / CKPT_T) * dstate + n] = h;
+                W a, x, abar;
+                staged_pair(sx, kk, a, x);
+                if (DISC == DISC_MAMBA) {
+                    abar = fexp2(a * A2);
+                    h = abar * h + bv[kk] * x;
+                } else {
+                    W bcoef;
+                    discretize<DISC>(a, An, A2, abar, bcoef);
+                    h = abar * h + (bcoef * x) * bv[kk];
+                }
+                if (WP) prod *= abar;
+                if (WO) p[kk] = cv[kk] * h;
+            }
+            if (WO) {
+                W y = transpose_sum<NL>(p, n);
+                if (tv) {
+                    y += Dd * uu;
+                    if (z) y *= silu(zz);
+                    out[row + t] = narrow<T>(y);
+                }
+            }
+        }
+    };
+    if (want_out) body(Flag<true>{}, Flag<false>{});
+    else if (pend) body(Flag<false>{}, Flag<true>{});
+    else body(Flag<false>{}, Flag<false>{});
+
+    if (nvalid) {
+        const size_t o = (chan * K + k) * dstate + n;
+        if (hend) hend[o] = h;
+        if (pend) pend[o] = prod;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Backward, one state per lane (NL = 16 lanes per channel, tiles of TT = NL steps, from
+// the chunk's end to its start); same arguments and modes as scan_bwd_kernel, with
+// dB_part, dC_part (blocks, batch, dstate, seqlen): every channel of a block is in one
+// group (the caller checks), so a block's partial sum is over its channels alone.
+// Per tile, lane n: its states of the tile recomputed from the checkpoint into
+// registers (with each step's Abar), the adjoint g walked back through them; the sums
+// over states (d dt, du, and y for dz) by the transposed butterfly, the sums over
+// channels (dB, dC) by one shuffle between the two channels of a warp and a fixed-order
+// sum over the block's warps in shared memory: repeated calls are bit-identical.
+// Grid (dim / CPB, batch, chunks), BW_WARPS * 32 threads.
+// ---------------------------------------------------------------------------------
+#ifndef BW_WARPS
+#define BW_WARPS 16
+#endif
+#ifndef BW_MIN_BLOCKS
+#define BW_MIN_BLOCKS 1
+#endif
+template <typename T, typename W, int NL, int DISC>
+__global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_kernel(
+    const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
+    const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv, const T* __restrict__ Csel,
+    const W* __restrict__ Cinv, const W* __restrict__ D, const W* __restrict__ delta_bias, int softplus_flag,
+    const W* __restrict__ ckpt, int nck, const W* __restrict__ g0, int g0_chunks, W* __restrict__ gout,
+    T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz, W* __restrict__ dA_part,
+    W* __restrict__ dBinv_part, W* __restrict__ dCinv_part, W* __restrict__ dB_part, W* __restrict__ dC_part,
+    W* __restrict__ dD_part, W* __restrict__ dbias_part, int dim, int dstate, long long seqlen, int groups, int vec_bc,
+    long long chunk_len) {
+    constexpr int TT = NL, CPW = 32 / NL, CPB = CPW * BW_WARPS;
+    constexpr int RR = TT + 4;  // row stride of the dB/dC staging (16-byte stores without bank conflicts)
+    __shared__ __align__(16) W s_x[BW_WARPS * CPW * TT * 4];  // per channel and step: (dt, u, dy, dt*u)
+    __shared__ __align__(16) W s_red[2 * BW_WARPS * NL * RR];  // [B or C][warp][state][step]
+    const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / NL, n = threadIdx.x % NL;
+    const int d = blockIdx.x * CPB + warp * CPW + sub;
+    const bool dvalid = d < dim, nvalid = dvalid && n < dstate;
+    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z, batch = gridDim.y;
+    const long long t_begin = (long long)k * chunk_len;
+    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+    const int dd = dvalid ? d : 0, ns = n < dstate ? n : 0;
+    const size_t chan = (size_t)b * dim + dd, row = chan * seqlen;
+    const int g_ = dd / (dim / groups);
+    const T* brow = Bsel ? Bsel + (((size_t)b * groups + g_) * dstate + ns) * seqlen : nullptr;
+    const T* crow = Csel ? Csel + (((size_t)b * groups + g_) * dstate + ns) * seqlen : nullptr;
+    const W An = nvalid ? A[(size_t)d * dstate + n] : W(0), A2 = An * W(1.4426950408889634);
+    const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
+    const W binv = (nvalid && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
+    const W cinv = (nvalid && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
+    W g = (nvalid && g0) ? g0[(chan * g0_chunks + (g0_chunks == 1 ? 0 : k)) * dstate + n] : W(0);
+    W* sx = s_x + (warp * CPW + sub) * TT * 4;
+    const bool full = du != nullptr;
+    W dA_acc = W(0), dBi_acc = W(0), dCi_acc = W(0), dD_acc = W(0), dbias_acc = W(0);
+
+    const int ntiles = (int)((t_end - t_begin + TT - 1) / TT);
+    for (int it = ntiles - 1; it >= 0; --it) {
+        const long long t0 = t_begin + (long long)it * TT;
+        const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
+        const bool tv = dvalid && n < nt;
+        const long long t = t0 + n;
+        // lane n stages step n
+        W uu = W(0), v = W(0), go = W(0), zz = W(0);
+        if (tv) {
+            uu = widen(u[row + t]);
+            v = widen(delta[row + t]) + bias;
+            go = widen(dout[row + t]);
+            if (z) zz = widen(z[row + t]);
+        }
+        W bv[TT], cv[TT];
+        if (full) {
+            if (Bsel) load_row<TT>(bv, brow + t0, nvalid ? nt : 0, vec_bc != 0);
+            else {
+#pragma unroll
+                for (int j = 0; j < TT; ++j) bv[j] = binv;
+            }
+        }
+        if (Csel) load_row<TT>(cv, crow + t0, nvalid ? nt : 0, vec_bc != 0);
+        else {
+#pragma unroll
+            for (int j = 0; j < TT; ++j) cv[j] = cinv;
+        }
+        const W hck = (full && nvalid) ? ckpt[(chan * nck + t0 / CKPT_T) * dstate + n] : W(0);
+        W dt = v, dsp = W(1), sz = W(1), dy = go;
+        if (tv) {
+            if (softplus_flag) {
+                dt = softplus(v);
+                dsp = softplus_grad(v);
+            }
+            if (z) {
+                sz = W(1) / (W(1) + fexp(-zz));  // sigmoid(z); silu(z) = z * sz
+                dy = go * zz * sz;
+            }
+        } else {
+            dt = W(0);
+        }
+        __syncwarp();  // the previous tile's readers are done
+        sx[4 * n] = dt;
+        sx[4 * n + 1] = uu;
+        sx[4 * n + 2] = dy;
+        sx[4 * n + 3] = dt * uu;
+        __syncwarp();
+
+        if (!full) {  // the chunk pass: only the adjoint's path through the chunk
+#pragma unroll
+            for (int kk = TT - 1; kk >= 0; --kk) {
+                const W a = sx[4 * kk], y_ = sx[4 * kk + 2];
+                W abar, bcoef;
+                discretize<DISC>(a, An, A2, abar, bcoef);
+                g = abar * (g + cv[kk] * y_);
+            }
+            continue;
+        }
+
+        // recompute the tile's states and Abar; y (for dz) through the butterfly
+        W hs[TT], as[TT];
+        {
+            W h = hck, py[TT];
+#pragma unroll
+            for (int kk = 0; kk < TT; ++kk) {
+                const W a = sx[4 * kk], x = sx[4 * kk + 3];
+                W bcoef;
+                discretize<DISC>(a, An, A2, as[kk], bcoef);
+                h = DISC == DISC_MAMBA ? as[kk] * h + bv[kk] * x : as[kk] * h + (bcoef * sx[4 * kk + 1]) * bv[kk];
+                hs[kk] = h;
+                if (dz) py[kk] = cv[kk] * h;
+            }
+            if (dz) {
+                const W y = transpose_sum<NL>(py, n) + Dd * uu;
+                if (tv) dz[row + t] = narrow<T>(go * y * sz * (W(1) + zz * (W(1) - sz)));
+            }
+        }
+        // the adjoint, backwards through the tile
+        W qd[TT], qu[TT], rB[TT], rC[TT];
+#pragma unroll
+        for (int kk = TT - 1; kk >= 0; --kk) {
+            const W a = sx[4 * kk], uk = sx[4 * kk + 1], yk = sx[4 * kk + 2];
+            g += cv[kk] * yk;
+            const W hp = kk > 0 ? hs[kk > 0 ? kk - 1 : 0] : hck;
+            const W dab = g * hp;
+            if (DISC == DISC_MAMBA) {
+                const W x = sx[4 * kk + 3];
+                const W dbc = g * bv[kk] * uk;
+                qd[kk] = dab * (An * as[kk]) + dbc;
+                dA_acc += dab * (a * as[kk]);
+                qu[kk] = g * a * bv[kk];
+                rB[kk] = g * x;
+            } else {
+                W abar, bcoef, da_ddt, da_dA, db_ddt, db_dA;
+                discretize<DISC>(a, An, A2, abar, bcoef);
+                discretize_grads<DISC>(a, An, as[kk], da_ddt, da_dA, db_ddt, db_dA);
+                const W dbc = g * bv[kk] * uk;
+                qd[kk] = dab * da_ddt + dbc * db_ddt;
+                dA_acc += dab * da_dA + dbc * db_dA;
+                qu[kk] = g * bcoef * bv[kk];
+                rB[kk] = g * bcoef * uk;
+            }
+            rC[kk] = yk * hs[kk];
+            g *= as[kk];
+        }
+        // sums over the states: lane n gets step n's
+        const W ddt_n = transpose_sum<NL>(qd, n);
+        const W du_n = transpose_sum<NL>(qu, n);
+        if (tv) {
+            du[row + t] = narrow<T>(du_n + Dd * dy);
+            ddelta[row + t] = narrow<T>(ddt_n * dsp);
+            dD_acc += dy * uu;
+            dbias_acc += ddt_n * dsp;
+        }
+        if (!Bsel) {
+#pragma unroll
+            for (int kk = 0; kk < TT; ++kk) dBi_acc += rB[kk];
+        }
+        if (!Csel) {
+#pragma unroll
+            for (int kk = 0; kk < TT; ++kk) dCi_acc += rC[kk];
+        }
+        if (Bsel || Csel) {  // sums over the block's channels, in a fixed order
+            if (CPW == 2) {
+#pragma unroll
+                for (int kk = 0; kk < TT; ++kk) {
+                    rB[kk] += __shfl_xor_sync(0xffffffffu, rB[kk], NL);
+                    rC[kk] += __shfl_xor_sync(0xffffffffu, rC[kk], NL);
+                }
+            }
+            __syncthreads();  // the previous tile's sums are read
+            if (sub == 0) {
+                W* pb = s_red + (warp * NL + n) * RR;
+                W* pc = pb + BW_WARPS * NL * RR;
+#pragma unroll
+                for (int kk = 0; kk < TT; ++kk) {
+                    pb[kk] = rB[kk];
+                    pc[kk] = rC[kk];
+                }
+            }
+            __syncthreads();
+            for (int i = threadIdx.x; i < 2 * NL * TT; i += BW_WARPS * 32) {
+                const int isC = i / (NL * TT), nn = (i / TT) % NL, kk = i % TT;
+                if (nn < dstate && kk < nt && (isC ? Csel != nullptr : Bsel != nullptr)) {
+                    const W* src = s_red + (isC * BW_WARPS * NL + nn) * RR + kk;
+                    W sum = W(0);
+#pragma unroll
+                    for (int w = 0; w < BW_WARPS; ++w) sum += src[w * NL * RR];
+                    const size_t o = (((size_t)blockIdx.x * batch + b) * dstate + nn) * seqlen + t0 + kk;
+                    (isC ? dC_part : dB_part)[o] = sum;
+                }
+            }
+        }
+    }
+    if (nvalid) {
+        const size_t o = (chan * K + k) * dstate + n;
+        gout[o] = g;
+        if (full) {
+            dA_part[o] = dA_acc;
+            if (dBinv_part) dBinv_part[o] = dBi_acc;
+            if (dCinv_part) dCinv_part[o] = dCi_acc;
+        }
+    }
+    if (full) {
+        dD_acc = lane_sum<NL>(dD_acc);
+        dbias_acc = lane_sum<NL>(dbias_acc);
+        if (dvalid && n == 0) {
+            if (dD_part) dD_part[chan * K + k] = dD_acc;
+            if (dbias_part) dbias_part[chan * K + k] = dbias_acc;
+        }
+    }
+}

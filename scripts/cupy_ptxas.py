@@ -1,0 +1,72 @@
+"""Resource report of the CuPy backend's kernels, without a GPU.
+
+Compiles ``scan.cu`` / ``step.cu`` with NVRTC to PTX for compute_90 (as the backend
+does at run time) and runs ``ptxas -v`` on it for sm_90: registers, spills, shared
+memory and stack of every kernel. Needs the NVRTC library (pip install
+nvidia-cuda-nvrtc-cu12) and a ``ptxas`` on the PATH.
+
+    python scripts/cupy_ptxas.py [--source scan.cu] [--storage float] [--npt 4] [--nl 16] [--disc 0] [-D NAME=V ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from portassm.backends import cupy_cuda  # noqa: E402
+from tests.test_cupy import _NVRTC  # noqa: E402
+
+
+def ptx_of(nvrtc: _NVRTC, source: str, names: list[str], options: list[str]) -> str:
+    lib = nvrtc.lib
+    prog = ctypes.c_void_p()
+    text = cupy_cuda.kernel_sources()[source]
+    nvrtc._check(lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), source.encode(), 0, None, None))
+    for expr in names:
+        nvrtc._check(lib.nvrtcAddNameExpression(prog, expr.encode()))
+    opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+    status = lib.nvrtcCompileProgram(prog, len(options), opts)
+    size = ctypes.c_size_t()
+    nvrtc._check(lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc._check(lib.nvrtcGetProgramLog(prog, log))
+    if status != 0:
+        raise SystemExit(log.value.decode())
+    nvrtc._check(lib.nvrtcGetPTXSize(prog, ctypes.byref(size)))
+    ptx = ctypes.create_string_buffer(size.value)
+    nvrtc._check(lib.nvrtcGetPTX(prog, ptx))
+    return ptx.value.decode()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source", default="scan.cu")
+    ap.add_argument("--storage", default="float")
+    ap.add_argument("--npt", type=int, default=4)
+    ap.add_argument("--nl", type=int, default=16)
+    ap.add_argument("--disc", type=int, default=0)
+    ap.add_argument("-D", action="append", default=[])
+    ap.add_argument("--keep", help="write the PTX here")
+    a = ap.parse_args()
+    compute = "double" if a.storage == "double" else "float"
+    names = cupy_cuda.kernel_names(a.source, a.storage, compute, a.npt, a.disc, a.nl)
+    options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", *(f"-D{d}" for d in a.D)]
+    ptx = ptx_of(_NVRTC(), a.source, names, options)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = a.keep or os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run(["ptxas", "-v", "-arch=sm_90", path, "-o", os.path.join(tmp, "k.cubin")],
+                           capture_output=True, text=True)
+    print(r.stdout + r.stderr)
+    return r.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
