@@ -19,8 +19,8 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from portassm.backends import cupy_cuda  # noqa: E402
-from tests.test_cupy import _NVRTC  # noqa: E402
+from portassm.backends import cupy_cuda
+from tests.test_cupy import _NVRTC
 
 
 def ptx_of(nvrtc: _NVRTC, source: str, names: list[str], options: list[str]) -> str:
@@ -63,7 +63,7 @@ def main() -> int:
         with open(path, "w") as f:
             f.write(ptx)
         r = subprocess.run(["ptxas", "-v", "-arch=sm_90", path, "-o", os.path.join(tmp, "k.cubin")],
-                           capture_output=True, text=True)
+                           check=False, capture_output=True, text=True)
     print(r.stdout + r.stderr)
     return r.returncode
 

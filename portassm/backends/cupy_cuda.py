@@ -614,7 +614,8 @@ def scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
 
 class _StepPlan:
     """What a decoding step with given dtypes and forms launches, worked out once and then
-    reused every token: the kernel's function pointer, the dtypes, the lanes per channel."""
+    reused every token: the kernel's function pointer, the dtypes, the lanes per channel,
+    whether any argument needs a cast, and the thread's kernel-parameter block."""
 
     def __init__(self, x, state, dt, A, B, C, D, z, dt_bias, disc: str, device: int):
         names = {a.dtype.name for a in (x, state, dt, A, B, C, D, z, dt_bias) if a is not None}
@@ -628,6 +629,11 @@ class _StepPlan:
         self.function = _function_pointer(kernel, device)
         dstate = A.shape[1]
         self.nl = min(32, 1 << (dstate - 1).bit_length())
+        # no cast needed: every array already in its kernel dtype (contiguity is checked per call)
+        self.exact = all(a is None or a.dtype == self.T for a in (x, dt, z, B, C)) and all(
+            a is None or a.dtype == self.W for a in (state, A, D, dt_bias)
+        )
+        self.same_out = x.dtype == self.T and state.dtype == self.W
 
 
 def _function_pointer(kernel: Any, device: int) -> int:
@@ -641,34 +647,50 @@ def _device_id(a: Any) -> int:
 
 _step_plans: dict[tuple, _StepPlan] = {}
 _tls = threading.local()
+_PARAMS = 20  # scan_step_kernel's parameters
 
 
-def _param_buffer() -> tuple[np.ndarray, int]:
-    """This thread's kernel-parameter block: one 8-byte slot per parameter, and the array
-    of pointers to the slots that cuLaunchKernel reads (and copies) at the launch."""
+def _param_buffer() -> tuple[Any, int]:
+    """This thread's kernel-parameter block: one 8-byte slot per parameter (written with
+    struct.pack_into), and the address of the array of pointers to the slots that
+    cuLaunchKernel reads (and copies) at the launch."""
     buf = getattr(_tls, "params", None)
     if buf is None:
-        values = np.zeros(24, dtype=np.uint64)
-        pointers = values.ctypes.data + 8 * np.arange(24, dtype=np.uint64)
-        buf = _tls.params = (values, pointers, int(pointers.ctypes.data))
-    return buf[0], buf[2]
+        import ctypes
+
+        values = (ctypes.c_uint64 * _PARAMS)()
+        pointers = (ctypes.c_void_p * _PARAMS)(*(ctypes.addressof(values) + 8 * i for i in range(_PARAMS)))
+        buf = _tls.params = (values, ctypes.addressof(pointers), pointers)
+    return buf[0], buf[1]
+
+
+_pack = __import__("struct").Struct(f"<{_PARAMS}Q").pack_into
 
 
 def _dtype_of(a):
     return None if a is None else a.dtype
 
 
+def _contiguous(*arrays) -> bool:
+    for a in arrays:
+        if a is not None and not a._c_contiguous:
+            return False
+    return True
+
+
 def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization):
     """One token: ``(y, new_state)``; the state given is not modified.
 
     The launch path is kept thin (a decoding step is a few microseconds of GPU work): the
-    plan is looked up by dtypes, and the kernel is launched through the driver with a
-    reused parameter block, bypassing CuPy's per-argument packing.
+    plan is looked up by dtypes; when every array already has its kernel dtype and is
+    contiguous, nothing is converted; both outputs share one allocation from CuPy's
+    memory pool; the kernel is launched through the driver with a reused parameter
+    block, bypassing CuPy's per-argument packing.
     """
     cp = _cp or _cupy()
     batch, dim = x.shape
     dstate = A.shape[1]
-    device = _device_id(x)
+    device = x.data.device_id
     key = (x.dtype, state.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, B.ndim, C.ndim, _dtype_of(D), _dtype_of(z),
            _dtype_of(dt_bias), discretization, dstate, device)
     plan = _step_plans.get(key)
@@ -676,21 +698,27 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
         _states_per_thread(dstate)  # the same dstate limit as the scan
         plan = _step_plans[key] = _StepPlan(x, state, dt, A, B, C, D, z, dt_bias, discretization, device)
     T, W = plan.T, plan.W
+    if plan.exact and _contiguous(x, dt, z, B, C, state, A, D, dt_bias):
+        x_, dt_, z_, B_, C_, state_, A_, D_, bias_ = x, dt, z, B, C, state, A, D, dt_bias
+    else:
+        def io(a):  # x, dt, z, B, C: T, contiguous
+            if a is None or (a.dtype == T and a._c_contiguous):
+                return a
+            return cp.ascontiguousarray(a, dtype=T)
 
-    def io(a):  # x, dt, z, B, C: T, contiguous
-        if a is None or (a.dtype == T and a.flags.c_contiguous):
-            return a
-        return cp.ascontiguousarray(a, dtype=T)
+        def wc(a):  # state, A, D, dt_bias: W, contiguous
+            if a is None or (a.dtype == W and a._c_contiguous):
+                return a
+            return cp.ascontiguousarray(a, dtype=W)
 
-    def wc(a):  # state, A, D, dt_bias: W, contiguous
-        if a is None or (a.dtype == W and a.flags.c_contiguous):
-            return a
-        return cp.ascontiguousarray(a, dtype=W)
-
-    x_, dt_, z_, B_, C_ = io(x), io(dt), io(z), io(B), io(C)
-    state_, A_, D_, bias_ = wc(state), wc(A), wc(D), wc(dt_bias)
-    new_state = cp.empty((batch, dim, dstate), dtype=W)
-    y = cp.empty((batch, dim), dtype=T)
+        x_, dt_, z_, B_, C_ = io(x), io(dt), io(z), io(B), io(C)
+        state_, A_, D_, bias_ = wc(state), wc(A), wc(D), wc(dt_bias)
+    # both outputs in one allocation: the state first, y at the next 256-byte boundary
+    n_state = batch * dim * dstate * W.itemsize
+    y_at = -(-n_state // 256) * 256
+    mem = cp.cuda.alloc(y_at + batch * dim * T.itemsize)
+    new_state = cp.ndarray((batch, dim, dstate), W, mem)
+    y = cp.ndarray((batch, dim), T, mem + y_at)
     # (groups, batch stride) of B and C: (batch, groups, dstate), or (dim, dstate) time-invariant
     gb, sb = (B_.shape[1], B_.shape[1] * dstate) if B_.ndim == 3 else (dim, 0)
     gc, sc = (C_.shape[1], C_.shape[1] * dstate) if C_.ndim == 3 else (dim, 0)
@@ -698,13 +726,15 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
     if threads:
         values, pointers = _param_buffer()
         p = _address
-        values[:20] = (
-            p(state_), p(x_), p(dt_), p(z_), p(A_), p(B_), p(C_), p(D_), p(bias_), 1 if dt_softplus else 0,
-            p(new_state), p(y), batch, dim, dstate, gb, gc, sb, sc, plan.nl,
+        _pack(
+            values, 0, p(state_), p(x_), p(dt_), p(z_), p(A_), p(B_), p(C_), p(D_), p(bias_), 1 if dt_softplus else 0,
+            mem.ptr, mem.ptr + y_at, batch, dim, dstate, gb, gc, sb, sc, plan.nl,
         )
         _driver().launchKernel(
             plan.function, (threads + 127) // 128, 1, 1, 128, 1, 1, 0, cp.cuda.get_current_stream().ptr, pointers, 0
         )
+    if plan.same_out:
+        return y, new_state
     if y.dtype != x.dtype:
         y = y.astype(x.dtype)
     if new_state.dtype != state.dtype:
