@@ -5,6 +5,10 @@ Run on the GPU machine::
     python benchmarks/gpu_cupy.py            # the table; also written to $OUT/cupy_table.md
     python benchmarks/gpu_cupy.py --variants # also each launch layout variant
 
+Every row is timed with the default layout ("lanes": one state per lane) and with the
+previous one ("split": 4 lanes per channel), and the two layouts' outputs and
+gradients are compared (largest relative difference, float32 rounding expected).
+
 The sizes and options are ANCHORS.md's: delta_softplus, z, D and delta_bias; A (dim,
 dstate) float32; B, C (batch, dstate, seqlen) in the dtype of u; D and delta_bias
 float32. Times are medians of CUDA-event timings (cupyx.profiler.benchmark) on fresh
@@ -35,17 +39,15 @@ OFFICIAL_STEP_US = 51.0
 
 # launch-layout variants: (label, configure options, preprocessor definitions of scan.cu)
 VARIANTS = (
-    ("no chunking", {"min_threads": 1}, ()),
-    ("chunks of 256 steps", {"chunk": 256}, ()),
-    ("chunks of 1024 steps", {"chunk": 1024}, ()),
-    ("fwd 8 blocks/SM (64 registers)", {}, ("FWD_MIN_BLOCKS=8",)),
-    ("fwd 8 blocks/SM, no register prefetch", {}, ("FWD_MIN_BLOCKS=8", "FWD_PREFETCH=0")),
-    ("fwd 6 blocks/SM", {}, ("FWD_MIN_BLOCKS=6",)),
-    ("fwd scan loop unrolled 2", {}, ("FWD_UNROLL=2",)),
-    ("fwd scan loop unrolled 8", {}, ("FWD_UNROLL=8",)),
-    ("bwd 4 blocks/SM", {}, ("BWD_MIN_BLOCKS=4",)),
+    ("lanes, no chunking", {"min_threads": 1}, ()),
+    ("lanes, chunks of 512 steps", {"chunk": 512}, ()),
+    ("lanes, chunks of 2048 steps", {"chunk": 2048}, ()),
+    ("lanes fwd 6 blocks/SM (80 registers)", {}, ("LS_MIN_BLOCKS=6",)),
+    ("lanes fwd 8 warps a block", {}, ("LS_WARPS=8", "LS_MIN_BLOCKS=4")),
+    ("lanes bwd 8 warps a block, 2 blocks/SM", {}, ("BW_WARPS=8", "BW_MIN_BLOCKS=2")),
+    ("split, no chunking", {"layout": "split", "min_threads": 1}, ()),
 )
-VARIANT_SIZES = ((8, 1536, 2048, 16), (1, 1536, 16384, 16))  # the official Triton selective_state_update, batch 1, dim 1536
+VARIANT_SIZES = ((8, 1536, 2048, 16), (1, 1536, 16384, 16))
 
 
 def floors_ms(batch, dim, seqlen, dstate, itemsize):
@@ -91,10 +93,39 @@ def median_ms(fn, n_repeat=30, n_warmup=5):
     return float(np.median(result.gpu_times[0])) * 1e3, float(np.median(result.cpu_times)) * 1e3
 
 
-def bench_scan(cp, portassm, size, dtype_name, dtype, seed):
+def scan_inputs(cp, size, dtype, seed):
     batch, dim, seqlen, dstate = size
     x = make_inputs(cp, batch, dim, seqlen, dstate, dtype, seed)
-    dout = cp.random.default_rng(seed + 1).standard_normal((batch, dim, seqlen), dtype=cp.float32).astype(dtype)
+    g = cp.random.default_rng(seed + 1).standard_normal((batch, dim, seqlen), dtype=cp.float32)
+    try:
+        dout = g.astype(dtype)
+    except Exception:  # noqa: BLE001
+        import torch
+
+        dout = cp.from_dlpack(torch.from_dlpack(g).to(getattr(torch, np.dtype(dtype).name)))
+    return x, dout
+
+
+def layouts_differ(cp, portassm, x, dout):
+    """Largest relative difference between the "lanes" and "split" layouts over the
+    output, the last state and every gradient (each as max|a-b| / max|b|)."""
+    from portassm.backends import cupy_cuda
+
+    results = []
+    for layout in ("lanes", "split"):
+        cupy_cuda.configure(layout=layout)
+        out, last = portassm.scan(**x, delta_softplus=True, return_last_state=True)
+        grads = portassm.scan_vjp(dout, **x, delta_softplus=True)
+        results.append([a.astype(cp.float32) for a in (out, last, *grads) if a is not None])
+    cupy_cuda.configure(layout=None)
+    worst = 0.0
+    for a, b in zip(*results):
+        worst = max(worst, float(cp.abs(a - b).max() / cp.abs(b).max()))
+    return worst
+
+
+def bench_scan(cp, portassm, size, dtype_name, dtype, seed, inputs=None):
+    x, dout = inputs or scan_inputs(cp, size, dtype, seed)
 
     def fwd():
         return portassm.scan(**x, delta_softplus=True)
@@ -198,29 +229,36 @@ def main() -> int:
     for size in sizes:
         for name, dtype in dtypes.items():
             seed += 10
-            cupy_cuda.configure(chunk=None, min_threads=None)
+            cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
             try:
-                f_ms, fb_ms = bench_scan(cp, portassm, size, name, dtype, seed)
+                inputs = scan_inputs(cp, size, dtype, seed)
+                f_ms, fb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
+                cupy_cuda.configure(layout="split")
+                of_ms, ofb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
+                cupy_cuda.configure(layout=None)
+                diff = layouts_differ(cp, portassm, *inputs)
             except Exception as exc:  # noqa: BLE001  (report and go on: one failure must not lose the other rows)
                 print(f"{size} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                cupy_cuda.configure(layout=None)
                 continue
             off_f, off_fb = OFFICIAL[size][name]
             floor_f, floor_fb = floors_ms(*size, np.dtype(dtype).itemsize)
-            rows.append((size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb))
-            print(f"{size} {name}: forward {f_ms:.3f} ms ({f_ms / off_f:.2f}x official), "
-                  f"fwd+bwd {fb_ms:.3f} ms ({fb_ms / off_fb:.2f}x)", flush=True)
+            rows.append((size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, of_ms, ofb_ms, diff))
+            print(f"{size} {name}: forward {f_ms:.3f} ms ({f_ms / off_f:.2f}x official; split {of_ms:.3f}), "
+                  f"fwd+bwd {fb_ms:.3f} ms ({fb_ms / off_fb:.2f}x; split {ofb_ms:.3f}), "
+                  f"lanes vs split max rel diff {diff:.1e}", flush=True)
             if args.variants and size in VARIANT_SIZES and name == "float32":
                 for label, opts, defines in VARIANTS:
-                    cupy_cuda.configure(chunk=None, min_threads=None)
+                    cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
                     cupy_cuda.configure(**opts)
                     cupy_cuda._defines = defines
                     try:
-                        vf, vfb = bench_scan(cp, portassm, size, name, dtype, seed)
+                        vf, vfb = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
                         print(f"    variant {label:34s}: forward {vf:.3f} ms, fwd+bwd {vfb:.3f} ms", flush=True)
                     except Exception as exc:  # noqa: BLE001
                         print(f"    variant {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 cupy_cuda._defines = ()
-                cupy_cuda.configure(chunk=None, min_threads=None)
+                cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
     step_rows = []
     for name, dtype in dtypes.items():
         seed += 10
@@ -232,13 +270,16 @@ def main() -> int:
         step_rows.append((name, direct, via_ops, loop_kernel, loop_ops, graph_us))
 
     lines = [
-        "| batch, dim, seqlen, dstate | dtype | forward ms | x official | x floor | fwd+bwd ms | x official | x floor |",
-        "|---|---|---|---|---|---|---|---|",
+        (
+            "| batch, dim, seqlen, dstate | dtype | forward ms | x official | x floor | fwd+bwd ms | x official "
+            "| x floor | split fwd ms | split fwd+bwd ms | lanes vs split |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb in rows:
+    for size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, of_ms, ofb_ms, diff in rows:
         lines.append(
             f"| {', '.join(map(str, size))} | {name} | {f_ms:.3f} | {f_ms / off_f:.2f} | {f_ms / floor_f:.1f} | "
-            f"{fb_ms:.3f} | {fb_ms / off_fb:.2f} | {fb_ms / floor_fb:.1f} |"
+            f"{fb_ms:.3f} | {fb_ms / off_fb:.2f} | {fb_ms / floor_fb:.1f} | {of_ms:.3f} | {ofb_ms:.3f} | {diff:.1e} |"
         )
     lines += [
         "",

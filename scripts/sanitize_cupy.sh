@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck over every kernel of the CuPy backend, at
 # small sizes: forward (whole and chunked), backward (whole and chunked), the chunk
-# combine, the decoding step; shared-memory B/C tiles (one and two groups per block)
-# and direct reads (many groups), time-invariant B/C, float32, float64 and bfloat16.
+# combine, the decoding step; both layouts (one state per lane: dstate <= 32; split:
+# dstate 33), shared-memory B/C tiles (one and two groups per block) and direct reads
+# (many groups), time-invariant B/C, float32, float64 and bfloat16.
 # Run on the GPU machine, from the repository root:  bash scripts/sanitize_cupy.sh
 # Exit status: non-zero when either tool reports an error.
 set -u
@@ -35,6 +36,9 @@ for chunk in (None, 32):
     run(2, 96, 70, 5, (2, 2, 5, 70), "float64", chunk, "zoh")      # blocks spanning two groups
     run(1, 40, 50, 33, (1, 8, 33, 50), "float32", chunk, "bilinear")  # direct B/C reads, 8 states a thread
     run(2, 64, 45, 16, (64, 16), "float32", chunk)                 # time-invariant B, C
+    run(2, 64, 70, 16, (2, 2, 16, 70), "float32", chunk, "zoh")    # one-state-per-lane backward, 2 groups
+    run(2, 64, 72, 16, (2, 1, 16, 72), "float32", chunk)           # 16-byte B/C loads (seqlen % 4 == 0)
+    run(2, 40, 70, 24, (2, 1, 24, 70), "float32", chunk)           # 32 lanes per channel
 try:
     import ml_dtypes
     run(2, 64, 70, 16, (2, 16, 70), ml_dtypes.bfloat16, None)
