@@ -192,6 +192,7 @@ def bench_step(cp, portassm, dtype, seed, batch=1, dim=1536, dstate=16):
         end.synchronize()
     graph_us = cp.cuda.get_elapsed_time(start, end) / 2000 * 1e3
     print(f"  step kernel in a CUDA graph: {graph_us:.2f} us/step", flush=True)
+    step_host_parts(cp, cupy_cuda, kernel_args)
     if os.environ.get("PORTASSM_PROFILE_STEP"):  # where the host time of a step goes
         import cProfile
         import pstats
@@ -203,6 +204,49 @@ def bench_step(cp, portassm, dtype, seed, batch=1, dim=1536, dstate=16):
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(8)
     return direct, via_ops, loop_kernel, loop_ops, graph_us
+
+
+def step_host_parts(cp, cupy_cuda, kernel_args, n=3000):
+    """Host microseconds of the pieces of one decoding-step call (perf_counter over n
+    calls each; the GPU work queues behind): where the Python path's time goes."""
+    import time
+
+    state, x = kernel_args[0], kernel_args[1]
+    batch, dim = x.shape
+    dstate = state.shape[2]
+
+    def per_call(fn):
+        for _ in range(50):
+            fn()
+        cp.cuda.get_current_stream().synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = (time.perf_counter() - t) / n * 1e6
+        cp.cuda.get_current_stream().synchronize()
+        return dt
+
+    f32 = np.dtype(np.float32)
+    parts = {
+        "whole scan_step": lambda: cupy_cuda.scan_step(*kernel_args),
+        "cupy.empty (one output)": lambda: cp.empty((batch, dim, dstate), dtype=f32),
+        "cupy.cuda.alloc": lambda: cp.cuda.alloc(batch * dim * dstate * 4 + 256 + batch * dim * 4),
+        "cupy.ndarray on a pointer": lambda: cp.ndarray((batch, dim), f32, state.data),
+        "get_current_stream().ptr": lambda: cp.cuda.get_current_stream().ptr,
+        "the key (14 attributes)": lambda: (
+            x.dtype, state.dtype, x.dtype, x.dtype, x.dtype, x.dtype, 3, 3, f32, f32, f32, "mamba", dstate, 0
+        ),
+    }
+    _values, pointers = cupy_cuda._param_buffer()
+    plan = next(p for p in cupy_cuda._step_plans.values() if p.T == x.dtype)  # the one just packed
+    stream = cp.cuda.get_current_stream().ptr
+    driver = cupy_cuda._driver()
+    blocks = (batch * dim * plan.nl + 127) // 128
+    parts["driver launchKernel (parameters as last packed)"] = lambda: driver.launchKernel(
+        plan.function, blocks, 1, 1, 128, 1, 1, 0, stream, pointers, 0
+    )
+    for label, fn in parts.items():
+        print(f"  step host part {label:48s}: {per_call(fn):6.2f} us", flush=True)
 
 
 def main() -> int:
