@@ -16,7 +16,7 @@ start=$SECONDS
 timeout "$T_BENCH" python3 benchmarks/gpu_cupy.py --variants >"$OUT/bench_cupy.log" 2>&1
 echo "bench exit $? after $((SECONDS - start)) s" >>"$OUT/steps.txt"
 start=$SECONDS
-timeout "$T_TESTS" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n 8 -m "gpu or not gpu" -k cupy \
+timeout "$T_TESTS" python3 -m pytest -v -p no:cacheprovider -p no:benchmark -n 8 -m "gpu or not gpu" -k cupy \
   tests/test_cupy.py tests/test_agreement.py tests/test_errors.py >"$OUT/tests_cupy.log" 2>&1 &
 tests_pid=$!
 timeout "$T_SAN" bash scripts/sanitize_cupy.sh >"$OUT/sanitize_cupy.log" 2>&1 &
@@ -25,7 +25,7 @@ wait $tests_pid; echo "tests exit $? after $((SECONDS - start)) s" >>"$OUT/steps
 wait $san_pid; echo "sanitize exit $? after $((SECONDS - start)) s" >>"$OUT/steps.txt"
 
 echo "## bench (tail)"; grep -v "^\s*$" "$OUT/bench_cupy.log" | grep -v "^|" | tail -n 40
-echo "## tests"; grep -E "FAILED|ERROR|passed|failed|error" "$OUT/tests_cupy.log" | tail -n 25
+echo "## tests"; grep -E "FAILED|ERROR| passed| failed|error" "$OUT/tests_cupy.log" | grep -v "PASSED" | tail -n 30; grep -c PASSED "$OUT/tests_cupy.log"
 echo "## sanitize"; grep -E "==|ERROR SUMMARY|RACECHECK SUMMARY|Error|done|skipped" "$OUT/sanitize_cupy.log" | tail -n 12
 echo "## steps"; cat "$OUT/steps.txt"
 echo; cat "$OUT/cupy_table.md" 2>/dev/null
