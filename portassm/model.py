@@ -659,14 +659,12 @@ class MambaLM:
         """The residual stream after every layer's block step, for one token.
 
         The block of :func:`portassm.mamba_block_step`, the same operations in the same
-        order, on parameters prepared at construction and without the per-call checks
-        (the shapes are the model's own). With ``new_cache`` a list, the new states are
+        order (the conv in its array-API form on every backend), on parameters prepared
+        at construction and without the per-call checks (the shapes are the model's own). With ``new_cache`` a list, the new states are
         appended to it; with None, they are written into ``cache``'s arrays in place (the
         form a CUDA graph captures).
         """
-        module = self.backend.module
-        conv_kernel = getattr(module, "causal_conv1d_step", None)
-        scan_step = module.scan_step
+        scan_step = self.backend.module.scan_step
         eps = self.config.norm_eps
         d_inner, d_state, rank = self.config.d_inner, self.config.d_state, self.config.dt_rank
         for layer, (conv_state, ssm_state) in zip(self._steps, cache):
@@ -675,14 +673,14 @@ class MambaLM:
             if layer.in_b is not None:
                 xz = xz + layer.in_b
             xs, z = xz[:, :d_inner], xz[:, d_inner:]
-            if conv_kernel is not None:
-                xs, conv_new = conv_kernel(xs, conv_state, layer.conv_w, layer.conv_b, "silu")
-            else:  # ops.causal_conv1d_step's array-API form
-                window = xp.concat([_cast(xp, conv_state, xs.dtype), xs[:, :, None]], axis=-1)
-                xs = xp.sum(window * layer.conv_w, axis=-1)
-                if layer.conv_b is not None:
-                    xs = xs + layer.conv_b
-                xs, conv_new = ops._silu(xp, xs), window[..., 1:]
+            # The conv of one token is d_conv multiply-adds a channel: array operations (the
+            # array-API form of ops.causal_conv1d_step), also where the backend has a conv
+            # kernel, whose thread pool can take longer to wake on a busy host than the sum.
+            window = xp.concat([_cast(xp, conv_state, xs.dtype), xs[:, :, None]], axis=-1)
+            xs = xp.sum(window * layer.conv_w, axis=-1)
+            if layer.conv_b is not None:
+                xs = xs + layer.conv_b
+            xs, conv_new = ops._silu(xp, xs), window[..., 1:]
             x_dbl = xp.matmul(xs, layer.x_w)
             dt = xp.matmul(x_dbl[:, :rank], layer.dt_w)
             B, C = x_dbl[:, None, rank : rank + d_state], x_dbl[:, None, rank + d_state :]
