@@ -15,7 +15,10 @@ How each figure is measured (the same for both implementations):
 * the implementations are timed in turns (each repeat runs every one of them once), the
   median taken, so that a change in the machine's load touches every column alike;
 * "tokens identical": the share of generated tokens equal to transformers' (float32
-  rounding may flip a near-tie of a random model, after which the texts differ).
+  rounding may flip a near-tie of a random model, after which the texts differ);
+* on a CUDA GPU each portassm backend has two rows: "graph", the whole decoding step
+  replayed as one CUDA graph (``generate(..., cuda_graph=True)``, the default; captured
+  in the warm-up), and "eager", the same step launched kernel by kernel from Python.
 
 Usage::
 
@@ -49,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure, median (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP/torch threads (default: the libraries' own)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers reference")
+    parser.add_argument("--no-graph", action="store_true", help="on CUDA, decode step by step only (no CUDA graph rows)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -94,6 +98,27 @@ class Runner:
 
         self.times["full"].append(_seconds(full, self.sync))
 
+    def replay_ms(self) -> float | None:
+        """For a CUDA-graph runner: ms per replay of the captured step, 50 back to back (no host round trip)."""
+        graph = getattr(self, "graph", None)
+        if graph is None:
+            return None
+        graph = graph()
+        if graph is None:
+            return None
+        tokens = np.zeros(self.batch, dtype=np.int64)
+        graph.acquire(graph.cache)
+        try:
+            graph.step(tokens)
+            self.sync()
+            start = time.perf_counter()
+            for _ in range(50):
+                graph.step(tokens)
+            self.sync()
+            return (time.perf_counter() - start) / 50 * 1e3
+        finally:
+            graph.release()
+
     def result(self) -> dict:
         t = {k: statistics.median(v) for k, v in self.times.items()}
         decode_time = max(t["full"] - t["one"], 1e-9)
@@ -105,8 +130,19 @@ class Runner:
         )
 
 
-def portassm_runner(name: str, config: MambaConfig, weights: dict, ids: np.ndarray, args) -> Runner:
+def portassm_runners(name: str, config: MambaConfig, weights: dict, ids: np.ndarray, args) -> list[Runner]:
+    """One runner, or two on a CUDA GPU: decoding with the whole step in a CUDA graph, and step by step."""
+    from portassm.model import _graph_kind
+
     model = MambaLM(config, weights, backend=name)
+    if _graph_kind(model) is None or args.no_graph:
+        return [portassm_runner(f"portassm {name}", model, ids, args, False)]
+    graph = portassm_runner(f"portassm {name} graph", model, ids, args, True)
+    graph.graph = lambda: model._graphs.get(ids.shape[0])  # captured in the warm-up
+    return [graph, portassm_runner(f"portassm {name} eager", model, ids, args, False)]
+
+
+def portassm_runner(label: str, model: MambaLM, ids: np.ndarray, args, cuda_graph: bool) -> Runner:
     sync = getattr(model.backend.module, "synchronize", None)
     if sync is None:  # no way to wait for queued device work: wait for the logits themselves
         sync = lambda: None  # noqa: E731
@@ -114,9 +150,9 @@ def portassm_runner(name: str, config: MambaConfig, weights: dict, ids: np.ndarr
     else:
         prefill = lambda: model.forward(ids, last_only=True)  # noqa: E731
     return Runner(
-        f"portassm {name}",
+        label,
         prefill,
-        lambda n: model.generate(ids, n, temperature=0)[:, ids.shape[1]:],
+        lambda n: model.generate(ids, n, temperature=0, cuda_graph=cuda_graph)[:, ids.shape[1]:],
         sync, ids.shape[0], ids.shape[1], args.new_tokens,
     )
 
@@ -198,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
                 continue
             if name == "torch" and device == "cpu":
                 portassm.set_backend("torch", device="cpu")
-            runners.append(portassm_runner(name, config, weights, ids, args))
+            runners.extend(portassm_runners(name, config, weights, ids, args))
         for runner in runners:
             runner.warm_up()
         for _ in range(args.repeats):  # in turns, so that a change of the machine's load touches every column
@@ -210,6 +246,9 @@ def main(args: argparse.Namespace) -> int:
             is_reference = hf is not None and runner is runners[0]
             rows.append((runner.name, batch, result, None if is_reference else reference))
             _print_row(rows[-1])
+            replay = runner.replay_ms()
+            if replay is not None:
+                print(f"{'':22s}   the captured step alone, 50 replays back to back: {replay:.3f} ms a step", flush=True)
 
     table = _table(rows, device, config, args)
     print()
