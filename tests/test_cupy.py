@@ -126,6 +126,11 @@ def test_unknown_option_is_a_type_error():
         cupy_cuda.configure(chunk_size=64)
 
 
+def test_unknown_layout_is_a_value_error():
+    with pytest.raises(ValueError, match="lanes"):
+        cupy_cuda.configure(layout="rows")
+
+
 # ---------------------------------------------------------------------------------------
 # on the GPU
 
@@ -139,7 +144,7 @@ def cupy_backend():
         pytest.skip(f"backend 'cupy' unavailable here: {reason}")
     with portassm.use_backend("cupy") as chosen:
         yield chosen
-    cupy_cuda.configure(chunk=None, min_threads=None)
+    cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
 
 
 @gpu
@@ -158,6 +163,29 @@ def test_repeated_calls_are_bit_identical(cupy_backend, rng, chunk):
         again_grads = portassm.scan_vjp(dout, **args)
         for a, b in zip(grads, again_grads):
             assert bool(cp.array_equal(a, b))
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["lanes", "split"])
+@pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
+@pytest.mark.parametrize("dstate, form", [(16, "grouped"), (24, "selective"), (16, "invariant")])
+def test_each_layout_agrees_with_the_oracle(cupy_backend, rng, layout, chunk, dstate, form):
+    """Both thread layouts, whatever the default picks for scan and scan_vjp: forward,
+    last state and every gradient against the float64 oracle (float32 inputs)."""
+    cp = cupy_cuda._cupy()
+    cupy_cuda.configure(layout=layout, chunk=chunk)
+    case = make_case(rng, batch=2, dim=64, seqlen=150, dstate=dstate, form=form, groups=2).astype("float32")
+    args = case.kwargs(cp.asarray)
+    out, last = portassm.scan(**args, return_last_state=True)
+    ref_out, ref_last = oracle_forward(case)
+    assert rel_err(cp.asnumpy(out), ref_out) <= TOLERANCE["float32"]
+    assert rel_err(cp.asnumpy(last), ref_last) <= TOLERANCE["float32"]
+    dout = rng.standard_normal(case.u.shape).astype(np.float32)
+    grads = portassm.scan_vjp(cp.asarray(dout), **args)
+    refs = oracle_grads(case, dout, None)
+    for name, got, ref in zip(case.ARRAYS, grads, refs):
+        if ref is not None:
+            assert rel_err(cp.asnumpy(got), ref) <= TOLERANCE["float32"], name
 
 
 @gpu

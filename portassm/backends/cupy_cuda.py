@@ -167,9 +167,12 @@ def configure(**options: Any) -> None:
         Below this many threads for batch * dim alone, the sequence is chunked to reach
         about twice as many; None: 256 per multiprocessor (1024 with the "lanes" layout).
     layout : "lanes", "split" or None
-        The forward's thread layout: "lanes", one state per lane (16 or 32 lanes per
+        The kernels' thread layout: "lanes", one state per lane (16 or 32 lanes per
         channel; dstate <= 32), or "split", 4 lanes per channel each holding dstate / 4
-        states (any dstate up to 64). None (the default): "lanes" where dstate allows.
+        states (any dstate up to 64). None (the default): the faster of the two as
+        measured on the H100 (docs/backends/cupy.md): "split" for ``scan_fwd``, "lanes"
+        for ``scan_bwd`` (its checkpoint pass and the backward kernel) where dstate
+        allows.
     """
     unknown = set(options) - set(_options)
     if unknown:
@@ -280,9 +283,11 @@ def _states_per_thread(dstate: int) -> int:
     )
 
 
-def _lanes(dstate: int) -> int | None:
-    """Lanes per channel of the one-state-per-lane kernels, or None for the split layout."""
-    if _options["layout"] == "split":
+def _lanes(dstate: int, default: bool) -> int | None:
+    """Lanes per channel of the one-state-per-lane kernels, or None for the split layout;
+    ``default``: whether the layout option None means "lanes" here."""
+    layout = _options["layout"] or ("lanes" if default else "split")
+    if layout == "split":
         return None
     for nl in LANES:
         if dstate <= nl:
@@ -315,7 +320,7 @@ def _group_span(dim: int, groups: int) -> int:
 class _Scan:
     """The arguments of one scan, cast to the kernels' types, with its launch geometry."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=()):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(), lanes=False):
         cp = _cupy()
         self.cp = cp
         self.batch, self.dim, self.seqlen = (int(s) for s in u.shape)
@@ -351,7 +356,7 @@ class _Scan:
         self.Cinv = None if gc else self.small(C)
         self.gspan = _group_span(self.dim, self.groups) if (gb or gc) else 1
         self.nblk = -(-self.dim // CH_BLOCK)
-        self.nl = _lanes(self.dstate)
+        self.nl = _lanes(self.dstate, lanes)
         if self.nl is not None:
             self.ls_threads = 32 * _define_int("LS_WARPS", 4)
             self.ls_cpb = self.ls_threads // self.nl  # channels per block
@@ -560,7 +565,7 @@ def scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     The states are recomputed: a forward pass keeps every CKPT_T-th state, then the
     backward kernel rebuilds each tile's states from its checkpoint.
     """
-    s = _Scan(u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(dout,))
+    s = _Scan(u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(dout,), lanes=True)
     s.softplus = bool(delta_softplus)
     dout_ = s.big(dout)
     dlast = s.small(dlast_state)
