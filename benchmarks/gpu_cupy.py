@@ -5,9 +5,10 @@ Run on the GPU machine::
     python benchmarks/gpu_cupy.py            # the table; also written to $OUT/cupy_table.md
     python benchmarks/gpu_cupy.py --variants # also each launch layout variant
 
-Every row is timed with the default layout ("lanes": one state per lane) and with the
-previous one ("split": 4 lanes per channel), and the two layouts' outputs and
-gradients are compared (largest relative difference, float32 rounding expected).
+Every row is timed with the default layouts (cupy_cuda.configure(layout=None): "split"
+for scan, "lanes" for scan_vjp), then with "lanes" (one state per lane) and "split"
+(4 lanes per channel) everywhere, and the two layouts' outputs and gradients are
+compared (largest relative difference; float32 rounding expected).
 
 The sizes and options are ANCHORS.md's: delta_softplus, z, D and delta_bias; A (dim,
 dstate) float32; B, C (batch, dstate, seqlen) in the dtype of u; D and delta_bias
@@ -39,12 +40,12 @@ OFFICIAL_STEP_US = 51.0
 
 # launch-layout variants: (label, configure options, preprocessor definitions of scan.cu)
 VARIANTS = (
-    ("lanes, no chunking", {"min_threads": 1}, ()),
-    ("lanes, chunks of 512 steps", {"chunk": 512}, ()),
-    ("lanes, chunks of 2048 steps", {"chunk": 2048}, ()),
-    ("lanes fwd 6 blocks/SM (80 registers)", {}, ("LS_MIN_BLOCKS=6",)),
-    ("lanes fwd 8 warps a block", {}, ("LS_WARPS=8", "LS_MIN_BLOCKS=4")),
-    ("lanes bwd 8 warps a block, 2 blocks/SM", {}, ("BW_WARPS=8", "BW_MIN_BLOCKS=2")),
+    ("lanes, no chunking", {"layout": "lanes", "min_threads": 1}, ()),
+    ("lanes, chunks of 512 steps", {"layout": "lanes", "chunk": 512}, ()),
+    ("lanes, chunks of 2048 steps", {"layout": "lanes", "chunk": 2048}, ()),
+    ("lanes fwd 6 blocks/SM (80 registers)", {"layout": "lanes"}, ("LS_MIN_BLOCKS=6",)),
+    ("lanes fwd 8 warps a block", {"layout": "lanes"}, ("LS_WARPS=8", "LS_MIN_BLOCKS=4")),
+    ("lanes bwd 8 warps a block, 2 blocks/SM", {"layout": "lanes"}, ("BW_WARPS=8", "BW_MIN_BLOCKS=2")),
     ("split, no chunking", {"layout": "split", "min_threads": 1}, ()),
 )
 VARIANT_SIZES = ((8, 1536, 2048, 16), (1, 1536, 16384, 16))
@@ -277,6 +278,8 @@ def main() -> int:
             try:
                 inputs = scan_inputs(cp, size, dtype, seed)
                 f_ms, fb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
+                cupy_cuda.configure(layout="lanes")
+                lf_ms, lfb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
                 cupy_cuda.configure(layout="split")
                 of_ms, ofb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
                 cupy_cuda.configure(layout=None)
@@ -287,10 +290,10 @@ def main() -> int:
                 continue
             off_f, off_fb = OFFICIAL[size][name]
             floor_f, floor_fb = floors_ms(*size, np.dtype(dtype).itemsize)
-            rows.append((size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, of_ms, ofb_ms, diff))
-            print(f"{size} {name}: forward {f_ms:.3f} ms ({f_ms / off_f:.2f}x official; split {of_ms:.3f}), "
-                  f"fwd+bwd {fb_ms:.3f} ms ({fb_ms / off_fb:.2f}x; split {ofb_ms:.3f}), "
-                  f"lanes vs split max rel diff {diff:.1e}", flush=True)
+            rows.append((size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, lf_ms, lfb_ms, of_ms, ofb_ms, diff))
+            print(f"{size} {name}: forward {f_ms:.3f} ms ({f_ms / off_f:.2f}x official; lanes {lf_ms:.3f}, split "
+                  f"{of_ms:.3f}), fwd+bwd {fb_ms:.3f} ms ({fb_ms / off_fb:.2f}x; lanes {lfb_ms:.3f}, split "
+                  f"{ofb_ms:.3f}), lanes vs split max rel diff {diff:.1e}", flush=True)
             if args.variants and size in VARIANT_SIZES and name == "float32":
                 for label, opts, defines in VARIANTS:
                     cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
@@ -316,14 +319,15 @@ def main() -> int:
     lines = [
         (
             "| batch, dim, seqlen, dstate | dtype | forward ms | x official | x floor | fwd+bwd ms | x official "
-            "| x floor | split fwd ms | split fwd+bwd ms | lanes vs split |"
+            "| x floor | lanes fwd ms | lanes fwd+bwd ms | split fwd ms | split fwd+bwd ms | lanes vs split |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, of_ms, ofb_ms, diff in rows:
+    for size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, lf_ms, lfb_ms, of_ms, ofb_ms, diff in rows:
         lines.append(
             f"| {', '.join(map(str, size))} | {name} | {f_ms:.3f} | {f_ms / off_f:.2f} | {f_ms / floor_f:.1f} | "
-            f"{fb_ms:.3f} | {fb_ms / off_fb:.2f} | {fb_ms / floor_fb:.1f} | {of_ms:.3f} | {ofb_ms:.3f} | {diff:.1e} |"
+            f"{fb_ms:.3f} | {fb_ms / off_fb:.2f} | {fb_ms / floor_fb:.1f} | {lf_ms:.3f} | {lfb_ms:.3f} | "
+            f"{of_ms:.3f} | {ofb_ms:.3f} | {diff:.1e} |"
         )
     lines += [
         "",
