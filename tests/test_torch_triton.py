@@ -185,10 +185,10 @@ def test_kernels_forward_backward(torch_backend, rng, form, method, options, dty
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton's import")
-@pytest.mark.parametrize("form", ["grouped", "invariant"])
-def test_kernels_odd_dstate(torch_backend, rng, form):
-    """dstate 3: the wrapper pads the states to a power of two (the kernels' tiles)."""
-    torch_triton.configure(kernels="triton", ck=16, min_warps=1)
+@pytest.mark.parametrize("form,steps", [("grouped", 16), ("invariant", 4)])
+def test_kernels_odd_dstate(torch_backend, rng, form, steps):
+    """dstate 3: the wrapper pads the states to a power of two (the kernels' tiles); both forward tile lengths."""
+    torch_triton.configure(kernels="triton", ck=16, min_warps=1, steps=steps)
     case = make_case(rng, batch=2, dim=8, seqlen=21, dstate=3, form=form, groups=2)
     _check_kernels(case, "float64", rng)
 
@@ -261,13 +261,47 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a CUD
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("form,method", [("selective", "mamba"), ("grouped", "zoh"), ("invariant", "bilinear")])
-@pytest.mark.parametrize("chunks", ["whole", "chunked"])
-def test_gpu_agreement(torch_backend, rng, form, method, chunks):
-    # each combination compiles its own kernels: three cover every form and method
-    torch_triton.configure(min_warps=1 if chunks == "whole" else 10**6)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_agreement(torch_backend, rng, form, method, dtype):
+    """Forward, last state and every gradient through autograd, whole sequences and chunked.
+
+    One test per compiled kernel set: the whole and chunked paths share their main kernels
+    (the options and the initial state are run-time flags), and one case per form and
+    method covers every compile-time flag of the forward and backward.
+    """
     case = make_case(rng, batch=2, dim=96, seqlen=300, dstate=16, form=form, groups=3, discretization=method)
-    for dtype in ("float32", "float64"):
+    for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
+        torch_triton.configure(min_warps=min_warps)
         _check_cuda(case.astype(dtype), dtype, rng)
+
+
+@gpu
+@needs_cuda
+def test_gpu_forward_variants(torch_backend, rng):
+    """The forward's other layouts and switches against the oracle (forward and last state, float32).
+
+    16-step tiles (dstate/4 lanes a channel), no prefetch, one and four warps a program,
+    a register cap; each with and without options (run-time flags) and chunked.
+    """
+    variants = [
+        {"steps": 16},
+        {"steps": 16, "prefetch": 0},
+        {"prefetch": 0, "warps": 1},
+        {"warps": 4, "maxnreg": 128},
+    ]
+    cases = [
+        make_case(rng, batch=2, dim=128, seqlen=300, dstate=16, options=opts, softplus=opts).astype("float32")
+        for opts in (True, False)
+    ]
+    for variant in variants:
+        for min_warps in (1, 10**6):
+            torch_triton.configure(min_warps=min_warps, **variant)
+            for case in cases:
+                kw = _tensors(case, "cuda")
+                out, last = portassm.scan(**kw, return_last_state=True)
+                ref_out, ref_last = oracle_forward(case)
+                assert rel_err(_np(out), ref_out) <= TOLERANCE["float32"], (variant, min_warps)
+                assert rel_err(_np(last), ref_last) <= TOLERANCE["float32"], (variant, min_warps)
 
 
 def _check_cuda(case, dtype, rng):
@@ -330,10 +364,9 @@ def test_gpu_step_matches_scan(torch_backend, rng, groups):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("chunks", ["whole", "chunked"])
-def test_gpu_repeats_are_bit_identical(torch_backend, rng, chunks):
-    torch_triton.configure(min_warps=1 if chunks == "whole" else 10**6)
-    case = make_case(rng, batch=3, dim=128, seqlen=700, dstate=16, form="grouped", groups=2).astype("float32")
+def test_gpu_repeats_are_bit_identical(torch_backend, rng):
+    """Whole and chunked: no atomics, fixed reduction orders (the kernels of test_gpu_agreement's first case)."""
+    case = make_case(rng, batch=3, dim=96, seqlen=700, dstate=16, form="selective").astype("float32")
     dout = torch.from_numpy(rng.standard_normal(case.u.shape).astype(np.float32)).cuda()
 
     def run():
@@ -342,9 +375,11 @@ def test_gpu_repeats_are_bit_identical(torch_backend, rng, chunks):
         out.backward(dout)
         return [out.detach(), last.detach()] + [args[n].grad for n in case.ARRAYS]
 
-    first = run()
-    for _ in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+    for min_warps in (1, 10**6):
+        torch_triton.configure(min_warps=min_warps)
+        first = run()
+        for _ in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(first, run()))
 
 
 @gpu
@@ -386,7 +421,7 @@ def test_gpu_peak_memory_of_forward_backward(torch_backend, rng):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     grads = sum(a.numel() * 4 for a in args.values())
-    lay = torch_triton._layout(batch, dim, seqlen, dim, torch.device("cuda"))
+    lay = torch_triton._bwd_layout(batch, dim, seqlen, dim, torch.device("cuda"), dstate)
     ckpt = batch * dim * dstate * (-(-seqlen // lay["ck"])) * 4
     partials = 2 * lay["d_blocks"] * batch * seqlen * dstate * 4  # dB, dC per channel block
     allowed = out.numel() * 4 + grads + ckpt + partials + (64 << 20)  # + transposed B/C, scratch, small

@@ -38,11 +38,15 @@ __all__ = [
 _options: dict[str, Any] = {
     "device": None,  # where asarray puts NumPy inputs: default cuda when available
     "kernels": "auto",  # "auto": Triton on CUDA tensors, torch on CPU; "triton"; "torch"
-    "block_d": 32,  # channels per program (dstate/4 lanes each)
-    "bwd_block_d": None,  # channels per program of the backward (default: block_d)
+    "steps": 4,  # forward tile length: 4 = one channel a thread (16 B a row); 16 = dstate/4 lanes a channel
+    "warps": 2,  # warps per forward program
+    "block_d": None,  # channels per forward program (default: 32 per warp with steps=4, 32 with steps=16)
+    "prefetch": 16,  # forward: B, C rows this many steps ahead into L1 (u, delta, z twice as far into L2); 0 = off
+    "bwd_block_d": 32,  # channels per program of the backward (dstate/4 lanes each)
     "ck": 32,  # checkpoint interval of the backward, in steps
-    "tiles": 2,  # 16-step tiles the forward loads at once per row
-    "min_warps": None,  # below this many warps of channels, cut the sequence in chunks (default 8 per SM)
+    "min_warps": None,  # below this many warps of channels, cut the sequence in chunks (default 16 per SM)
+    "maxnreg": None,  # register cap of the forward kernel (None: the compiler's choice)
+    "bwd_maxnreg": None,  # register cap of the backward kernel
 }
 
 
@@ -52,7 +56,8 @@ def probe() -> str | None:
 
 def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
-    ``block_d``, ``bwd_block_d``, ``ck``, ``tiles``, ``min_warps``; unknown names are a TypeError."""
+    ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``, ``maxnreg``,
+    ``bwd_maxnreg``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
@@ -160,31 +165,49 @@ def _bc_form(M: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return M.transpose(-1, -2).contiguous(), True
 
 
+def _n_sm(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _chunking(programs: int, warps: int, seqlen: int, ck: int, device: torch.device) -> tuple[int, int]:
+    """(chunks, chunk_len): cut the sequence when the programs give fewer than ``min_warps`` warps.
+
+    Enough chunks for min_warps warps (at least 4 checkpoint intervals a chunk); a chunk
+    starts on a checkpoint.
+    """
+    min_warps = _options["min_warps"] or 16 * _n_sm(device)
+    chunks = 1
+    if programs * warps < min_warps and seqlen > 8 * ck:
+        chunks = min(_cdiv(min_warps, programs * warps), _cdiv(seqlen, 4 * ck))
+    chunk_len = _cdiv(_cdiv(seqlen, chunks), ck) * ck
+    return _cdiv(seqlen, chunk_len), chunk_len
+
+
 def _layout(
     batch: int, dim: int, seqlen: int, dim_per_group: int, device: torch.device, dstate: int = 16
 ) -> dict[str, int]:
-    """Block of channels, warps, tile and checkpoint lengths and sequence chunking for one problem.
+    """The forward's blocking and sequence chunks for one problem.
 
-    A program holds BLOCK_D channels; the compiler spreads a channel's dstate states over
-    dstate/4 lanes (16-byte vectors), so a warp covers 32/(dstate/4) channels. The sequence
-    is cut into chunks when the channels give fewer than ``min_warps`` warps, into enough
-    chunks for 4 * min_warps warps.
+    ``steps=4``: a (BLOCK_D, 4) tile is one 16-byte vector a thread, so the compiler gives
+    each thread one channel and its dstate states (32 channels a warp). ``steps=16``: 16
+    bytes a lane cover 4 steps, 4 lanes a row, and the states of a channel spread over
+    dstate/4 lanes. A program's channels share one group of B, C.
     """
-    block_d, warps = _blocking(_options["block_d"], dim_per_group, dstate)
     ck = _options["ck"]
+    steps = _options["steps"]
+    if steps not in (4, 16):
+        raise ValueError(f"steps must be 4 or 16, got {steps}")
     if ck % 4:
         raise ValueError(f"the checkpoint interval ck must be a multiple of 4, got {ck}")
-    steps = 16 if ck % 16 == 0 else 4  # time steps per tile (the backward's sub-tiles are 4)
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    min_warps = _options["min_warps"] or 8 * n_sm
+    if ck % steps:
+        steps = 4  # a checkpoint is stored at the start of a tile
+    block_d = _options["block_d"] or (32 * _options["warps"] if steps == 4 else 32)
+    while block_d > 1 and dim_per_group % block_d:
+        block_d //= 2  # a program's channels share one group of B and C
+    lanes = 1 if steps == 4 else min(32, max(1, dstate // 4))
+    warps = max(1, min(8, block_d * lanes // 32))
     d_blocks = _cdiv(dim, block_d)
-    programs = batch * d_blocks
-    chunks = 1
-    if programs * warps < min_warps and seqlen > 8 * ck:
-        # aim at 4x the threshold: on the H100, 43 chunks ran 2.7x faster than 11 (notes)
-        chunks = min(_cdiv(4 * min_warps, programs * warps), _cdiv(seqlen, 4 * ck))
-    chunk_len = _cdiv(_cdiv(seqlen, chunks), ck) * ck
-    chunks = _cdiv(seqlen, chunk_len)
+    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device)
     return {
         "block_d": block_d,
         "warps": warps,
@@ -193,7 +216,23 @@ def _layout(
         "d_blocks": d_blocks,
         "chunks": chunks,
         "chunk_len": chunk_len,
-        "tiles": _options["tiles"],
+    }
+
+
+def _bwd_layout(batch: int, dim: int, seqlen: int, dim_per_group: int, device: torch.device, dstate: int):
+    """The backward's blocking (16-step tiles, dstate/4 lanes a channel; a program within one group) and chunks."""
+    block_d, warps = _blocking(_options["bwd_block_d"], dim_per_group, dstate)
+    d_blocks = _cdiv(dim, block_d)
+    ck = _options["ck"]
+    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device)
+    return {
+        "block_d": block_d,
+        "warps": warps,
+        "ck": ck,
+        "steps": 16 if ck % 16 == 0 else 4,  # the backward's sub-tiles are 4 steps
+        "d_blocks": d_blocks,
+        "chunks": chunks,
+        "chunk_len": chunk_len,
     }
 
 
@@ -226,6 +265,19 @@ def _dummy(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.empty(1, dtype=dtype or x.dtype, device=x.device)
 
 
+def _fwd_flags(method, B_vary, C_vary, ct, on_gpu):
+    """The forward's compile-time flags; the options (D, z, bias, softplus, states) are run-time."""
+    return {
+        "MODE": _kernels().MODES[method],
+        "B_VARY": B_vary,
+        "C_VARY": C_vary,
+        "CDT": _cdt(ct),
+        # inline assembly (prefetch hints, the bare exp2) only where compiled for a GPU
+        "PF": _options["prefetch"] if on_gpu else 0,
+        "FAST": on_gpu and ct == torch.float32,
+    }
+
+
 def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, method, keep_ckpt):
     """Returns out, last_state and, with keep_ckpt, what the backward needs (checkpoints, layout)."""
     k = _kernels()
@@ -244,11 +296,17 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
     out = torch.empty_like(u)
     h_final = torch.empty(chunks, batch, dim, dstate, dtype=ct, device=u.device)
     ckpt = torch.empty(batch, n_ckpt, dim, dstate, dtype=ct, device=u.device) if keep_ckpt else _dummy(u, ct)
-    flags = _flags(D, z, delta_bias, softplus, method, B_vary, C_vary, ct)
     grid = (lay["d_blocks"], batch, chunks)
     common = dict(
-        DSTATE=dstate, BLOCK_D=lay["block_d"], STEPS=lay["steps"], CK=lay["ck"], num_warps=lay["warps"], **flags
+        DSTATE=dstate,
+        BLOCK_D=lay["block_d"],
+        STEPS=lay["steps"],
+        CK=lay["ck"],
+        num_warps=lay["warps"],
+        **_fwd_flags(method, B_vary, C_vary, ct, u.is_cuda),
     )
+    if _options["maxnreg"] and u.is_cuda:
+        common["maxnreg"] = _options["maxnreg"]
     pointers = (
         u,
         delta,
@@ -261,22 +319,11 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
         delta_bias if delta_bias is not None else A,
     )
     sizes = (dim, seqlen, chunk_len, n_ckpt, dim // groups, groups)
+    options = (int(bool(softplus)), int(D is not None), int(z is not None), int(delta_bias is not None))
     if chunks > 1:
         S = torch.empty_like(h_final)
         P = torch.empty_like(h_final)
-        k._scan_fwd_kernel[grid](
-            *pointers,
-            S,
-            S,
-            P,
-            ckpt,
-            *sizes,
-            HAS_INIT=False,
-            STATE_ONLY=True,
-            WRITE_CKPT=False,
-            TILES=lay["tiles"],
-            **common,
-        )
+        k._scan_fwd_kernel[grid](*pointers, S, S, P, ckpt, *sizes, 0, 0, *options, STATE_ONLY=True, **common)
         h_init = torch.empty_like(h_final)
         first = initial_state.to(ct).contiguous() if initial_state is not None else S
         k._chunk_combine_kernel[(lay["d_blocks"], batch)](
@@ -297,17 +344,7 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
         h_init = initial_state.to(ct).contiguous() if initial_state is not None else h_final
         has_init = initial_state is not None
     k._scan_fwd_kernel[grid](
-        *pointers,
-        h_init,
-        h_final,
-        h_final,
-        ckpt,
-        *sizes,
-        HAS_INIT=has_init,
-        STATE_ONLY=False,
-        WRITE_CKPT=keep_ckpt,
-        TILES=lay["tiles"],
-        **common,
+        *pointers, h_init, h_final, h_final, ckpt, *sizes, int(has_init), int(keep_ckpt), *options, STATE_ONLY=False, **common
     )
     saved = {"ckpt": ckpt, "layout": lay, "Bt": Bt, "Ct": Ct, "groups": groups} if keep_ckpt else None
     return out, h_final[-1], saved
@@ -318,10 +355,11 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
-    lay, ckpt, Bt, Ct, groups = dict(saved["layout"]), saved["ckpt"], saved["Bt"], saved["Ct"], saved["groups"]
-    if _options["bwd_block_d"]:  # the backward may block channels differently (same chunks)
-        block_d, warps = _blocking(_options["bwd_block_d"], dim // groups, dstate)
-        lay.update(block_d=block_d, warps=warps, d_blocks=_cdiv(dim, block_d))
+    ckpt, Bt, Ct, groups = saved["ckpt"], saved["Bt"], saved["Ct"], saved["groups"]
+    # the backward blocks channels and cuts the sequence its own way (checkpoints are global)
+    lay = _bwd_layout(batch, dim, seqlen, dim // groups, u.device, dstate)
+    if lay["ck"] != saved["layout"]["ck"]:
+        raise ValueError("the checkpoint interval ck changed between the forward and the backward")
     B_vary, C_vary = B.ndim == 4, C.ndim == 4
     chunks, chunk_len, d_blocks = lay["chunks"], lay["chunk_len"], lay["d_blocks"]
     u, delta, dout = u.contiguous(), delta.contiguous(), dout.contiguous()
@@ -344,6 +382,9 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     common = dict(
         DSTATE=dstate, BLOCK_D=lay["block_d"], STEPS=lay["steps"], CK=lay["ck"], num_warps=lay["warps"], **flags
     )
+    common["FAST"] = u.is_cuda and ct == torch.float32  # the bare exp2 (inline assembly: compiled code only)
+    if _options["bwd_maxnreg"] and u.is_cuda:
+        common["maxnreg"] = _options["bwd_maxnreg"]
     inputs = (
         dout,
         u,
@@ -375,7 +416,7 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
             S,
             P,
             *sizes,
-            HAS_G_INIT=False,
+            0,
             ADJOINT_ONLY=True,
             **common,
         )
@@ -414,7 +455,7 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
         g_final,
         dummy,
         *sizes,
-        HAS_G_INIT=has_g,
+        int(has_g),
         ADJOINT_ONLY=False,
         **common,
     )

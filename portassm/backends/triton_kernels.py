@@ -100,17 +100,54 @@ def _phi1_grad(x):
 
 
 @triton.jit
-def _coefficients(dt, A, MODE: tl.constexpr):
+def _exp2(x, FAST: tl.constexpr):
+    """2**x; FAST: the bare special-function-unit instruction (flushes subnormals to zero),
+    without the subnormal scaling that ``tl.exp2`` wraps around it."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _prefetch(ptrs, mask, LEVEL: tl.constexpr):
+    """Ask the cache (LEVEL 1: L1, 2: L2) for the lines holding ``ptrs`` where ``mask``; a hint only."""
+    addr = ptrs.to(tl.int64, bitcast=True)
+    on = mask.to(tl.int32)
+    if LEVEL == 1:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.b32 $0, 0; }",
+            "=r,l,r",
+            [addr, on],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+            "=r,l,r",
+            [addr, on],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit
+def _coefficients(dt, A, MODE: tl.constexpr, FAST: tl.constexpr = False):
     """(Abar, Bcoef) of (BLOCK_D, 1) steps and (BLOCK_D, DSTATE) eigenvalues.
 
     Abar is exp2((dt log2 e) A): one multiply per state and the MUFU exp2. mamba's Bcoef
     stays (BLOCK_D, 1), saving a register per state.
     """
     if MODE == 0:
-        abar = tl.exp2((dt * LOG2E) * A)
+        abar = _exp2((dt * LOG2E) * A, FAST)
         bcoef = dt
     elif MODE == 1:
-        abar = tl.exp2((dt * LOG2E) * A)
+        abar = _exp2((dt * LOG2E) * A, FAST)
         bcoef = dt * _phi1(dt * A)
     else:
         x = dt * A
@@ -121,25 +158,10 @@ def _coefficients(dt, A, MODE: tl.constexpr):
 
 
 @triton.jit
-def _row(M_ptr, base, t, offs_n, zero_n, limit, M_fixed, DSTATE: tl.constexpr, VARY: tl.constexpr, CDT: tl.constexpr):
-    """B or C at step t as (1, DSTATE) (selective: one contiguous row), or the fixed (BLOCK_D, DSTATE)."""
-    if VARY:
-        return tl.load(M_ptr + base + t * DSTATE + offs_n, mask=(t + zero_n) < limit, other=0.0).to(CDT)[None, :]
-    else:
-        return M_fixed
-
-
-@triton.jit
-def _advance(h, dt_k, u_k, B_k, A, MODE: tl.constexpr):
+def _advance(h, dt_k, u_k, B_k, A, MODE: tl.constexpr, FAST: tl.constexpr):
     """One step of the recurrence for (BLOCK_D, DSTATE) states."""
-    abar, bcoef = _coefficients(dt_k, A, MODE)
+    abar, bcoef = _coefficients(dt_k, A, MODE, FAST)
     return abar * h + (bcoef * u_k) * B_k
-
-
-@triton.jit
-def _tile(group, offs_k, j):
-    """Tile j of a (TILES, BLOCK_D, STEPS) group, as (BLOCK_D, STEPS) (an in-thread pick)."""
-    return tl.sum(tl.where(offs_k == j, group, -0.0), axis=0)
 
 
 @triton.jit
@@ -161,6 +183,25 @@ def _dt_tile(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
+def _on(mask, flag):
+    """``mask`` where the run-time scalar ``flag`` is set (written elementwise for the interpreter)."""
+    return mask & ((mask.to(tl.int32) * 0 + flag) != 0)
+
+
+@triton.jit
+def _bc_step(M_ptr, base, t, offs_n, M_fixed, VARY: tl.constexpr, CDT: tl.constexpr):
+    """B or C at step t: (1, DSTATE) (selective: one contiguous row of the program's group), or the fixed matrix.
+
+    t is clamped by the caller to a valid step (a step past the end has dt = 0 and u = 0,
+    so its row is unused), so the load needs no mask.
+    """
+    if VARY:
+        return tl.load(M_ptr + base + t * offs_n.shape[0] + offs_n).to(CDT)[None, :]
+    else:
+        return M_fixed
+
+
+@triton.jit(do_not_specialize=["dim", "n_ckpt", "dim_per_group", "groups", "has_init", "write_ckpt", "softplus", "has_d", "has_z", "has_bias"])
 def _scan_fwd_kernel(
     u_ptr,
     delta_ptr,
@@ -181,36 +222,40 @@ def _scan_fwd_kernel(
     n_ckpt,
     dim_per_group,
     groups,
+    has_init,
+    write_ckpt,
+    softplus,
+    has_d,
+    has_z,
+    has_bias,
     DSTATE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STEPS: tl.constexpr,
     CK: tl.constexpr,
     MODE: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     B_VARY: tl.constexpr,
     C_VARY: tl.constexpr,
-    HAS_INIT: tl.constexpr,
     STATE_ONLY: tl.constexpr,
-    WRITE_CKPT: tl.constexpr,
     CDT: tl.constexpr,
-    TILES: tl.constexpr,
+    PF: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """One program: BLOCK_D channels of one batch row over one chunk of the sequence.
 
+    The options (softplus, D, z, delta_bias, initial state, checkpoints) are run-time flags:
+    each costs a uniform branch or a multiply per tile, and one compiled kernel serves them all.
     STATE_ONLY: first pass of the chunked scan, writes only the chunk's final state from
     a zero start (h_final) and the product of Abar over the chunk (decay).
-    Otherwise writes out, the final state of the chunk and, with WRITE_CKPT, the state
+    Otherwise writes out, the final state of the chunk and, with write_ckpt, the state
     before every CK-th step into ckpt (batch, n_ckpt, dim, DSTATE).
+    PF > 0: prefetch B, C rows PF steps ahead into L1 and the rows of u, delta, z 2*PF
+    steps ahead into L2 (hints; compiled code only, the interpreter has no inline assembly).
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, DSTATE)
-    zero_n = tl.zeros([DSTATE], tl.int32)
     offs_s = tl.arange(0, STEPS)
     dmask = offs_d < dim
     dmask2 = dmask[:, None]
@@ -218,13 +263,9 @@ def _scan_fwd_kernel(
     batch = tl.num_programs(1)
 
     A = tl.load(A_ptr + state_offs, mask=dmask2, other=0.0).to(CDT)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=dmask, other=0.0).to(CDT)[:, None]
-    else:
-        bias = 0.0
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=dmask, other=0.0).to(CDT)[:, None]
-    g = (pid_d * BLOCK_D) // dim_per_group
+    bias = tl.load(bias_ptr + offs_d, mask=_on(dmask, has_bias), other=0.0).to(CDT)[:, None]
+    Dv = tl.load(D_ptr + offs_d, mask=_on(dmask, has_d), other=0.0).to(CDT)[:, None]
+    g = (pid_d * BLOCK_D) // dim_per_group  # a program's channels share one group of B, C
     bc_base = ((b * groups + g) * seqlen) * DSTATE
     Bm = 0.0
     if not B_VARY:
@@ -234,77 +275,89 @@ def _scan_fwd_kernel(
         Cm = tl.load(C_ptr + state_offs, mask=dmask2, other=0.0).to(CDT)
 
     chunk_state = ((c * batch + b) * dim) * DSTATE + state_offs
-    if HAS_INIT and not STATE_ONLY:
-        h = tl.load(h_init_ptr + chunk_state, mask=dmask2, other=0.0).to(CDT)
-    else:
-        h = tl.zeros((BLOCK_D, DSTATE), CDT)
+    h = tl.load(h_init_ptr + chunk_state, mask=_on(dmask2, has_init), other=0.0).to(CDT)
     if STATE_ONLY:
-        prod = tl.full((BLOCK_D, DSTATE), 1.0, CDT)
+        if MODE == 2:
+            prod = tl.full((BLOCK_D, DSTATE), 1.0, CDT)
+        else:  # prod of exp(dt A) = exp(A sum dt): the decay from the summed steps
+            dtsum = tl.zeros((BLOCK_D, 1), CDT)
 
     row = (b * dim + offs_d)[:, None] * seqlen
     t_start = c * chunk_len
     t_end = tl.minimum(seqlen, t_start + chunk_len)
-    # TILES tiles of STEPS steps are loaded at once as (TILES, BLOCK_D, STEPS): each thread's
-    # TILES 16-byte loads are adjacent, so a row is requested 64*TILES contiguous bytes at
-    # a time; the next group is loaded while this one is scanned
-    offs_k = tl.arange(0, TILES)[:, None, None]
-    row3 = row[None, :, :]
-    dmask3 = dmask2[None, :, :]
-    bias3 = bias
-    if HAS_BIAS:
-        bias3 = bias[None, :, :]
-    GROUP: tl.constexpr = TILES * STEPS
-    tt3 = t_start + offs_k * STEPS + offs_s[None, None, :]
-    mask3 = dmask3 & (tt3 < t_end)
-    dt_next, _ = _dt_tile(delta_ptr, bias3, row3 + tt3, mask3, HAS_BIAS, SOFTPLUS, CDT)
-    u_next = tl.load(u_ptr + row3 + tt3, mask=mask3, other=0.0).to(CDT)
-    z_next = u_next
-    if HAS_Z and not STATE_ONLY:
-        z_next = tl.load(z_ptr + row3 + tt3, mask=mask3, other=0.0).to(CDT)
-    for tg in range(t_start, t_end, GROUP):
-        dt3, u3, z3 = dt_next, u_next, z_next
-        tt3 = tg + GROUP + offs_k * STEPS + offs_s[None, None, :]
-        mask3 = dmask3 & (tt3 < t_end)
-        dt_next, _ = _dt_tile(delta_ptr, bias3, row3 + tt3, mask3, HAS_BIAS, SOFTPLUS, CDT)
-        u_next = tl.load(u_ptr + row3 + tt3, mask=mask3, other=0.0).to(CDT)
-        if HAS_Z and not STATE_ONLY:
-            z_next = tl.load(z_ptr + row3 + tt3, mask=mask3, other=0.0).to(CDT)
-        for j in tl.static_range(TILES):
-            t0 = tg + j * STEPS
-            if WRITE_CKPT:  # noqa: SIM102 - a compile-time condition around a run-time one
-                if (t0 % CK == 0) & (t0 < t_end):
-                    ck = ((b * n_ckpt + t0 // CK) * dim) * DSTATE + state_offs
-                    tl.store(ckpt_ptr + ck, h, mask=dmask2)
-            tt = t0 + offs_s[None, :]
-            mask = dmask2 & (tt < t_end)
-            offs = row + tt
-            dt = _tile(dt3, offs_k, j)
-            u = _tile(u3, offs_k, j)
+    if STATE_ONLY:
+        use_z = 0
+    else:
+        use_z = has_z
+    # the next tile is loaded while this one is scanned; its softplus waits until its turn
+    tt = t_start + offs_s[None, :]
+    mask = dmask2 & (tt < t_end)
+    d_next = tl.load(delta_ptr + row + tt, mask=mask, other=0.0)
+    u_next = tl.load(u_ptr + row + tt, mask=mask, other=0.0)
+    z_next = tl.load(z_ptr + row + tt, mask=_on(mask, use_z), other=0.0)
+    for t0 in range(t_start, t_end, STEPS):
+        d_cur, u_cur, z_cur = d_next, u_next, z_next
+        tt = t0 + offs_s[None, :]
+        mask = dmask2 & (tt < t_end)
+        tn = tt + STEPS
+        mask_n = dmask2 & (tn < t_end)
+        d_next = tl.load(delta_ptr + row + tn, mask=mask_n, other=0.0)
+        u_next = tl.load(u_ptr + row + tn, mask=mask_n, other=0.0)
+        z_next = tl.load(z_ptr + row + tn, mask=_on(mask_n, use_z), other=0.0)
+        if PF > 0:
+            ahead = t0 + 2 * PF
+            rmask = dmask2 & (ahead < t_end)
+            _prefetch(delta_ptr + row + ahead, rmask, 2)
+            _prefetch(u_ptr + row + ahead, rmask, 2)
             if not STATE_ONLY:
-                y = tl.zeros((BLOCK_D, STEPS), CDT)
-            for k in tl.static_range(STEPS):
-                sel = offs_s[None, :] == k
-                dt_k = _column(dt, sel)
-                u_k = _column(u, sel)
-                t = t0 + k
-                B_k = _row(B_ptr, bc_base, t, offs_n, zero_n, t_end, Bm, DSTATE, B_VARY, CDT)
-                abar, bcoef = _coefficients(dt_k, A, MODE)
-                h = abar * h + (bcoef * u_k) * B_k
-                if STATE_ONLY:
+                _prefetch(z_ptr + row + ahead, _on(rmask, use_z), 2)
+            # thread d asks for row t0 + PF + d % STEPS of the group: the tile PF steps on
+            t_pf = t0 + PF + (offs_d % STEPS)[:, None]
+            pmask = dmask2 & (t_pf < t_end)
+            if B_VARY:
+                _prefetch(B_ptr + bc_base + t_pf * DSTATE, pmask, 1)
+            if C_VARY and not STATE_ONLY:
+                _prefetch(C_ptr + bc_base + t_pf * DSTATE, pmask, 1)
+        pre = d_cur.to(CDT) + bias
+        if softplus != 0:
+            dt = _softplus(pre)
+        else:
+            dt = pre
+        dt = tl.where(mask, dt, 0.0)  # a step past the end is a no-op: Abar = 1, no input
+        u = u_cur.to(CDT)
+        if (write_ckpt != 0) & (t0 % CK == 0):
+            ck = ((b * n_ckpt + t0 // CK) * dim) * DSTATE + state_offs
+            tl.store(ckpt_ptr + ck, h, mask=dmask2)
+        if STATE_ONLY:
+            if MODE != 2:
+                dtsum += tl.sum(dt, axis=1, keep_dims=True)
+        else:
+            y = tl.zeros((BLOCK_D, STEPS), CDT)
+        for k in tl.static_range(STEPS):
+            sel = offs_s[None, :] == k
+            dt_k = _column(dt, sel)
+            u_k = _column(u, sel)
+            t = tl.minimum(t0 + k, t_end - 1)
+            B_k = _bc_step(B_ptr, bc_base, t, offs_n, Bm, B_VARY, CDT)
+            abar, bcoef = _coefficients(dt_k, A, MODE, FAST)
+            h = abar * h + (bcoef * u_k) * B_k
+            if STATE_ONLY:
+                if MODE == 2:
                     prod = prod * abar
-                else:
-                    C_k = _row(C_ptr, bc_base, t, offs_n, zero_n, t_end, Cm, DSTATE, C_VARY, CDT)
-                    y_k = tl.sum(C_k * h, axis=1, keep_dims=True)
-                    y = tl.where(sel, y_k, y)
-            if not STATE_ONLY:
-                if HAS_D:
-                    y = y + Dv * u
-                if HAS_Z:
-                    zz = _tile(z3, offs_k, j)
-                    y = y * zz * _sigmoid(zz)
-                tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+            else:
+                C_k = _bc_step(C_ptr, bc_base, t, offs_n, Cm, C_VARY, CDT)
+                y_k = tl.sum(C_k * h, axis=1, keep_dims=True)
+                y = tl.where(sel, y_k, y)
+        if not STATE_ONLY:
+            y = y + Dv * u
+            if has_z != 0:
+                zz = z_cur.to(CDT)
+                y = y * zz * _sigmoid(zz)
+            tl.store(out_ptr + row + tt, y.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(h_final_ptr + chunk_state, h, mask=dmask2)
     if STATE_ONLY:
+        if MODE != 2:
+            prod = tl.exp2((dtsum * LOG2E) * A)
         tl.store(decay_ptr + chunk_state, prod, mask=dmask2)
 
 
@@ -346,7 +399,7 @@ def _chunk_combine_kernel(
         h = tl.load(P_ptr + at, mask=m, other=0.0) * h + tl.load(S_ptr + at, mask=m, other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dim", "n_ckpt", "dim_per_group", "groups", "has_g_init"])
 def _scan_bwd_kernel(
     dout_ptr,
     u_ptr,
@@ -376,6 +429,7 @@ def _scan_bwd_kernel(
     n_ckpt,
     dim_per_group,
     groups,
+    has_g_init,
     DSTATE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STEPS: tl.constexpr,
@@ -387,9 +441,9 @@ def _scan_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     B_VARY: tl.constexpr,
     C_VARY: tl.constexpr,
-    HAS_G_INIT: tl.constexpr,
     ADJOINT_ONLY: tl.constexpr,
     CDT: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """One program: BLOCK_D channels of one batch row over one chunk, backwards in time.
 
@@ -407,7 +461,6 @@ def _scan_bwd_kernel(
     batch = tl.num_programs(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, DSTATE)
-    zero_n = tl.zeros([DSTATE], tl.int32)
     offs_s = tl.arange(0, STEPS)
     dmask = offs_d < dim
     dmask2 = dmask[:, None]
@@ -431,10 +484,10 @@ def _scan_bwd_kernel(
         Cm = tl.load(C_ptr + state_offs, mask=dmask2, other=0.0).to(CDT)
         dCm = tl.zeros((BLOCK_D, DSTATE), CDT)
     chunk_state = ((c * batch + b) * dim) * DSTATE + state_offs
-    if HAS_G_INIT and not ADJOINT_ONLY:
-        g = tl.load(g_init_ptr + chunk_state, mask=dmask2, other=0.0).to(CDT)
-    else:
+    if ADJOINT_ONLY:
         g = tl.zeros((BLOCK_D, DSTATE), CDT)
+    else:
+        g = tl.load(g_init_ptr + chunk_state, mask=_on(dmask2, has_g_init), other=0.0).to(CDT)
     if ADJOINT_ONLY:
         prod = tl.full((BLOCK_D, DSTATE), 1.0, CDT)
     dA = tl.zeros((BLOCK_D, DSTATE), CDT)
@@ -478,8 +531,8 @@ def _scan_bwd_kernel(
                     if k % SUB == 0:
                         tl.store(scratch + ((t0 - blk + k) // SUB) * SCRATCH_TILE, h)
                     sel = offs_s[None, :] == k
-                    B_k = _row(B_ptr, bc_base, t0 + k, offs_n, zero_n, blk_end, Bm, DSTATE, B_VARY, CDT)
-                    h = _advance(h, _column(dt, sel), _column(u, sel), B_k, A, MODE)
+                    B_k = _bc_step(B_ptr, bc_base, tl.minimum(t0 + k, blk_end - 1), offs_n, Bm, B_VARY, CDT)
+                    h = _advance(h, _column(dt, sel), _column(u, sel), B_k, A, MODE, FAST)
             tl.debug_barrier()
         # walk the block backwards a tile at a time, each tile SUB steps at a time: the SUB
         # states of a sub-tile are recomputed into registers from its entering state
@@ -518,25 +571,28 @@ def _scan_bwd_kernel(
                         s0,
                         _column(dt, sel0),
                         _column(u, sel0),
-                        _row(B_ptr, bc_base, t0 + q0, offs_n, zero_n, blk_end, Bm, DSTATE, B_VARY, CDT),
+                        _bc_step(B_ptr, bc_base, tl.minimum(t0 + q0, blk_end - 1), offs_n, Bm, B_VARY, CDT),
                         A,
                         MODE,
+                        FAST,
                     )
                     s2 = _advance(
                         s1,
                         _column(dt, sel1),
                         _column(u, sel1),
-                        _row(B_ptr, bc_base, t0 + q0 + 1, offs_n, zero_n, blk_end, Bm, DSTATE, B_VARY, CDT),
+                        _bc_step(B_ptr, bc_base, tl.minimum(t0 + q0 + 1, blk_end - 1), offs_n, Bm, B_VARY, CDT),
                         A,
                         MODE,
+                        FAST,
                     )
                     s3 = _advance(
                         s2,
                         _column(dt, sel2),
                         _column(u, sel2),
-                        _row(B_ptr, bc_base, t0 + q0 + 2, offs_n, zero_n, blk_end, Bm, DSTATE, B_VARY, CDT),
+                        _bc_step(B_ptr, bc_base, tl.minimum(t0 + q0 + 2, blk_end - 1), offs_n, Bm, B_VARY, CDT),
                         A,
                         MODE,
+                        FAST,
                     )
                 for kk in tl.static_range(SUB):
                     k = q0 + SUB - 1 - kk
@@ -544,8 +600,8 @@ def _scan_bwd_kernel(
                     t = t0 + k
                     dt_k = _column(dt, sel)
                     dy_k = _column(dy, sel)
-                    C_k = _row(C_ptr, bc_base, t, offs_n, zero_n, blk_end, Cm, DSTATE, C_VARY, CDT)
-                    abar, bcoef = _coefficients(dt_k, A, MODE)
+                    C_k = _bc_step(C_ptr, bc_base, tl.minimum(t, blk_end - 1), offs_n, Cm, C_VARY, CDT)
+                    abar, bcoef = _coefficients(dt_k, A, MODE, FAST)
                     if ADJOINT_ONLY:
                         g = abar * (g + C_k * dy_k)
                         prod = prod * abar
@@ -559,7 +615,7 @@ def _scan_bwd_kernel(
                         else:
                             h_prev = s3
                         u_k = _column(u, sel)
-                        B_k = _row(B_ptr, bc_base, t, offs_n, zero_n, blk_end, Bm, DSTATE, B_VARY, CDT)
+                        B_k = _bc_step(B_ptr, bc_base, tl.minimum(t, blk_end - 1), offs_n, Bm, B_VARY, CDT)
                         bu = bcoef * u_k
                         h = abar * h_prev + bu * B_k
                         if HAS_Z:
