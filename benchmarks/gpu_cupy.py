@@ -46,6 +46,9 @@ VARIANTS = (
     ("lanes fwd 6 blocks/SM (80 registers)", {"layout": "lanes"}, ("LS_MIN_BLOCKS=6",)),
     ("lanes fwd 8 warps a block", {"layout": "lanes"}, ("LS_WARPS=8", "LS_MIN_BLOCKS=4")),
     ("lanes bwd 8 warps a block, 2 blocks/SM", {"layout": "lanes"}, ("BW_WARPS=8", "BW_MIN_BLOCKS=2")),
+    ("lanes fwd, B/C tiles in shared memory", {"layout": "lanes"}, ("LS_BC_SMEM=1",)),
+    ("lanes fwd, B/C in shared memory, 8 warps", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_WARPS=8", "LS_MIN_BLOCKS=4")),
+    ("lanes fwd, B/C in shared memory, 6 blocks", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_MIN_BLOCKS=6")),
     ("split, no chunking", {"layout": "split", "min_threads": 1}, ()),
 )
 VARIANT_SIZES = ((8, 1536, 2048, 16), (1, 1536, 16384, 16))
@@ -105,6 +108,20 @@ def scan_inputs(cp, size, dtype, seed):
 
         dout = cp.from_dlpack(torch.from_dlpack(g).to(getattr(torch, np.dtype(dtype).name)))
     return x, dout
+
+
+def scan_results(cp, portassm, x, dout):
+    """The output, last state and gradients as float32 arrays (the current configuration)."""
+    out, last = portassm.scan(**x, delta_softplus=True, return_last_state=True)
+    grads = portassm.scan_vjp(dout, **x, delta_softplus=True)
+    return [a.astype(cp.float32) for a in (out, last, *grads) if a is not None]
+
+
+def variant_differs(cp, portassm, x, dout, reference):
+    worst = 0.0
+    for a, b in zip(scan_results(cp, portassm, x, dout), reference):
+        worst = max(worst, float(cp.abs(a - b).max() / cp.abs(b).max()))
+    return worst
 
 
 def layouts_differ(cp, portassm, x, dout):
@@ -295,13 +312,17 @@ def main() -> int:
                   f"{of_ms:.3f}), fwd+bwd {fb_ms:.3f} ms ({fb_ms / off_fb:.2f}x; lanes {lfb_ms:.3f}, split "
                   f"{ofb_ms:.3f}), lanes vs split max rel diff {diff:.1e}", flush=True)
             if args.variants and size in VARIANT_SIZES and name == "float32":
+                cupy_cuda.configure(layout="split")
+                reference = scan_results(cp, portassm, *inputs)
                 for label, opts, defines in VARIANTS:
                     cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
                     cupy_cuda.configure(**opts)
                     cupy_cuda._defines = defines
                     try:
                         vf, vfb = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
-                        print(f"    variant {label:34s}: forward {vf:.3f} ms, fwd+bwd {vfb:.3f} ms", flush=True)
+                        vdiff = variant_differs(cp, portassm, *inputs, reference)
+                        print(f"    variant {label:34s}: forward {vf:.3f} ms, fwd+bwd {vfb:.3f} ms, "
+                              f"max rel diff to split {vdiff:.1e}", flush=True)
                     except Exception as exc:  # noqa: BLE001
                         print(f"    variant {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 cupy_cuda._defines = ()

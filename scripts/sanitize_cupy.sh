@@ -39,6 +39,17 @@ for chunk in (None, 32):
     run(2, 64, 70, 16, (2, 2, 16, 70), "float32", chunk, "zoh")    # one-state-per-lane backward, 2 groups
     run(2, 64, 72, 16, (2, 1, 16, 72), "float32", chunk)           # 16-byte B/C loads (seqlen % 4 == 0)
     run(2, 40, 70, 24, (2, 1, 24, 70), "float32", chunk)           # 32 lanes per channel
+# the one-state-per-lane kernels everywhere (scan's default is the split forward), and
+# the variant that stages B/C tiles in shared memory (blocks inside one group, across two)
+for defines in ((), ("LS_BC_SMEM=1",)):
+    cupy_cuda._defines = defines
+    cupy_cuda.configure(layout="lanes")
+    for chunk in (None, 32):
+        run(2, 64, 70, 16, (2, 2, 16, 70), "float32", chunk)
+        run(2, 40, 72, 24, (2, 1, 24, 72), "float32", chunk)
+        run(2, 12, 70, 16, (2, 3, 16, 70), "float32", chunk, "bilinear")
+cupy_cuda._defines = ()
+cupy_cuda.configure(layout=None)
 try:
     import ml_dtypes
     run(2, 64, 70, 16, (2, 16, 70), ml_dtypes.bfloat16, None)

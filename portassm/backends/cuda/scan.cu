@@ -608,6 +608,9 @@ __global__ void __launch_bounds__(THREADS, BWD_MIN_BLOCKS) scan_bwd_kernel(
 #endif
 // fewer for 32 lanes (twice the partials per lane) and for double (two registers a value)
 #define LS_BLOCKS(NL, W) (LS_MIN_BLOCKS * 16 / (NL) / (int)(sizeof(W) / 4) > 0 ? LS_MIN_BLOCKS * 16 / (NL) / (int)(sizeof(W) / 4) : 1)
+#ifndef LS_BC_SMEM  // 1: a block stages the B and C tiles of its first channel's group in shared memory
+#define LS_BC_SMEM 0  // once for all its warps (double-buffered, the next tile in flight in registers)
+#endif
 
 // the elements of one 16-byte word, widened (the tag argument picks the storage type)
 PA_DEV void unpack16(uint4 q, float* v, const float*) {
@@ -648,6 +651,33 @@ PA_DEV void load_row(W (&v)[TT], const T* __restrict__ p, int nv, bool vec) {
     } else {
 #pragma unroll
         for (int j = 0; j < TT; ++j) v[j] = j < nv ? widen(p[j]) : W(0);
+    }
+}
+
+// a row of TT values from shared memory (16-byte reads; p 16-byte aligned)
+template <int TT> PA_DEV void read_row(float (&v)[TT], const float* p) {
+#pragma unroll
+    for (int j = 0; j < TT / 4; ++j) {
+        const float4 q = reinterpret_cast<const float4*>(p)[j];
+        v[4 * j] = q.x; v[4 * j + 1] = q.y; v[4 * j + 2] = q.z; v[4 * j + 3] = q.w;
+    }
+}
+template <int TT> PA_DEV void read_row(double (&v)[TT], const double* p) {
+#pragma unroll
+    for (int j = 0; j < TT / 2; ++j) {
+        const double2 q = reinterpret_cast<const double2*>(p)[j];
+        v[2 * j] = q.x; v[2 * j + 1] = q.y;
+    }
+}
+// element r of this thread's share of an (NL states x TT steps) tile of M (the block's
+// group's rows, from step t0; nt valid steps), 0 outside
+template <int NL, int TT, int R, int NTHREADS, typename T>
+PA_DEV void fetch_tile(T (&r)[R], const T* __restrict__ M, int dstate, long long seqlen, long long t0, int nt) {
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+        const int e = threadIdx.x + k * NTHREADS, nn = e / TT, tt = e % TT;
+        r[k] = T{};
+        if (e < NL * TT && nn < dstate && tt < nt) r[k] = M[(size_t)nn * seqlen + t0 + tt];
     }
 }
 
@@ -695,6 +725,11 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
     int nck, int dim, int dstate, long long seqlen, int groups, int vec_bc, long long chunk_len) {
     constexpr int TT = NL, CPW = 32 / NL, CPB = CPW * LS_WARPS;
     __shared__ __align__(16) W s_x[LS_WARPS * CPW * TT * 2];  // per channel and step: (dt, dt*u or u)
+#if LS_BC_SMEM
+    constexpr int NTH = LS_WARPS * 32, RB = TT + 4;  // RB: row stride, 16-byte reads without bank conflicts
+    constexpr int BCE = (NL * TT + NTH - 1) / NTH;    // tile elements per thread
+    __shared__ __align__(16) W s_bc[2][2][NL * RB];   // [buffer][B or C][state][step]
+#endif
     const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / NL, n = threadIdx.x % NL;
     const int d = blockIdx.x * CPB + warp * CPW + sub;
     const bool dvalid = d < dim, nvalid = dvalid && n < dstate;
@@ -714,12 +749,46 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
     W prod = W(1);
     W* sx = s_x + (warp * CPW + sub) * TT * 2;
     const bool want_out = out != nullptr;
+#if LS_BC_SMEM
+    const int d_first = (int)blockIdx.x * CPB, g_blk = (d_first < dim ? d_first : dim - 1) / (dim / groups);
+    const bool bc_shared = nvalid && g == g_blk;  // this lane reads the block's tiles
+    const T* bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    const T* cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+#endif
 
     auto body = [&](auto with_out, auto with_prod) {
         constexpr bool WO = decltype(with_out)::value, WP = decltype(with_prod)::value;
+#if LS_BC_SMEM
+        T rbn[BCE], rcn[BCE];  // the next tile's elements of B and C, in flight
+        int buf = 0;
+        if (t_begin < t_end) {
+            const int nt0 = (int)(t_end - t_begin < TT ? t_end - t_begin : TT);
+            if (Bsel) fetch_tile<NL, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, t_begin, nt0);
+            if (WO && Csel) fetch_tile<NL, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, t_begin, nt0);
+        }
+#endif
         for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
             const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
             const bool tv = dvalid && n < nt;
+#if LS_BC_SMEM
+            {  // stage this tile's B, C (fetched during the previous tile), then fetch the next
+#pragma unroll
+                for (int r = 0; r < BCE; ++r) {
+                    const int e = threadIdx.x + r * NTH;
+                    if (e < NL * TT) {
+                        if (Bsel) s_bc[buf][0][(e / TT) * RB + e % TT] = widen(rbn[r]);
+                        if (WO && Csel) s_bc[buf][1][(e / TT) * RB + e % TT] = widen(rcn[r]);
+                    }
+                }
+                __syncthreads();  // (double buffer: the readers of this buffer, two tiles ago, are done)
+                const long long tn = t0 + TT;
+                if (tn < t_end) {
+                    const int ntn = (int)(t_end - tn < TT ? t_end - tn : TT);
+                    if (Bsel) fetch_tile<NL, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, tn, ntn);
+                    if (WO && Csel) fetch_tile<NL, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tn, ntn);
+                }
+            }
+#endif
             const long long t = t0 + n;
             W uu = W(0), dt = W(0), zz = W(0);
             if (tv) {
@@ -728,18 +797,29 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
                 if (WO && z) zz = widen(z[row + t]);
             }
             W bv[TT], cv[TT];
+#if LS_BC_SMEM
+            if (Bsel && bc_shared) read_row<TT>(bv, &s_bc[buf][0][n * RB]);
+            else
+#endif
             if (Bsel) load_row<TT>(bv, brow + t0, nvalid ? nt : 0, vec_bc != 0);
             else {
 #pragma unroll
                 for (int j = 0; j < TT; ++j) bv[j] = binv;
             }
             if (WO) {
+#if LS_BC_SMEM
+                if (Csel && bc_shared) read_row<TT>(cv, &s_bc[buf][1][n * RB]);
+                else
+#endif
                 if (Csel) load_row<TT>(cv, crow + t0, nvalid ? nt : 0, vec_bc != 0);
                 else {
 #pragma unroll
                     for (int j = 0; j < TT; ++j) cv[j] = cinv;
                 }
             }
+#if LS_BC_SMEM
+            buf ^= 1;
+#endif
             if (tv && softplus_flag) dt = softplus(dt);
             __syncwarp();  // the previous tile's readers are done
             sx[2 * n] = dt;
