@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 . scripts/device_env.sh || exit 1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/portassm-reproduce}
-TRAIN=${TRAIN:-240}
+TRAIN=${TRAIN:-200}
 SEED=${SEED:-0}
 LENGTHS=${LENGTHS:-"256 1024 4096 16384 65536 262144 1048576"}
 mkdir -p "$OUT"
