@@ -791,7 +791,9 @@ class MambaLM:
             return None
         if batch not in self._graphs:
             try:
-                self._graphs[batch] = (_TorchGraphStep if kind == "torch" else _CupyGraphStep)(self, batch)
+                graph = (_TorchGraphStep if kind == "torch" else _CupyGraphStep)(self, batch)
+                graph.verify(self)
+                self._graphs[batch] = graph
             except Exception as exc:  # noqa: BLE001 - any failure of the capture: decode eagerly instead
                 self._graphs[batch] = None
                 warnings.warn(
@@ -890,6 +892,34 @@ class _GraphStep:
 
     def release(self) -> None:
         self.busy = False
+
+    def verify(self, model: MambaLM) -> None:
+        """Check one replay against :meth:`MambaLM.step` from the same state, once after the capture.
+
+        The replay runs the kernels the eager step runs, on the same data: its logits and
+        new state must equal the step's up to rounding. A capture that went wrong (a
+        buffer freed and reused, an operation left out) is refused here rather than
+        giving other tokens later.
+        """
+        batch = int(self.ids.shape[0])
+        vocab = model.config.vocab_size
+        first = (np.arange(batch, dtype=np.int64) * 7919 + 1) % vocab
+        second = (np.arange(batch, dtype=np.int64) * 104729 + 3) % vocab
+        _, cache = model.step(first, model.init_cache(batch))  # a state that is not all zeros
+        logits, new_cache = model.step(second, cache)
+        self.acquire(cache)
+        try:
+            replayed = self.step(second)
+            to_numpy = model.backend.to_numpy
+            pairs = [(replayed, logits)] + [(a, b) for mine, theirs in zip(self.cache, new_cache)
+                                              for a, b in zip(mine, theirs)]
+            for got, want in pairs:
+                got, want = np.asarray(to_numpy(got), np.float64), np.asarray(to_numpy(want), np.float64)
+                err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+                if not err <= 1e-4:  # NaN fails too
+                    raise RuntimeError(f"the replayed step differs from the eager step (relative error {err:.2e})")
+        finally:
+            self.release()
 
     def step(self, tokens: np.ndarray) -> Array:  # pragma: no cover - overridden
         raise NotImplementedError

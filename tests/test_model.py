@@ -379,6 +379,25 @@ class _StandIn(model_module._GraphStep):
         return self.logits
 
 
+class _Stale(_StandIn):
+    """A graph that went wrong: its replays keep the state they were captured with."""
+
+    def step(self, tokens):
+        with self.model._on_backend() as xp:
+            self.ids[...] = self.model.backend.asarray(tokens)
+            return self.model._graph_body(xp, self.ids, self.model.init_cache(self.ids.shape[0]))
+
+
+def test_a_wrong_graph_is_refused_at_capture(peer, monkeypatch):
+    model = MambaLM.from_pretrained(peer["path"], backend="numpy")
+    eager = model.generate(peer["ids"], NEW_TOKENS, temperature=0, cuda_graph=False)
+    monkeypatch.setattr(model_module, "_graph_kind", lambda m: "torch")
+    monkeypatch.setattr(model_module, "_TorchGraphStep", _Stale)
+    with pytest.warns(RuntimeWarning, match="differs from the eager step"):
+        np.testing.assert_array_equal(model.generate(peer["ids"], NEW_TOKENS, temperature=0), eager)
+    assert model._graphs[3] is None
+
+
 def test_graph_decoding_plumbing_on_the_host(peer, monkeypatch):
     """What the GPU tests check of captured graphs, with the step run eagerly on its static buffers."""
     model = MambaLM.from_pretrained(peer["path"], backend="numpy")
