@@ -198,6 +198,31 @@ def test_each_layout_agrees_with_the_oracle(cupy_backend, rng, layout, chunk, ds
 
 
 @gpu
+@pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
+def test_residuals_spare_the_recomputation(cupy_backend, rng, chunk):
+    """scan_fwd(save_checkpoints=True) gives the same output, and scan_bwd with its
+    checkpoints the gradients of scan_bwd without them; residuals of another problem are
+    a ValueError."""
+    cp = cupy_cuda._cupy()
+    cupy_cuda.configure(chunk=chunk)
+    case = make_case(rng, batch=2, dim=64, seqlen=150, dstate=16, form="grouped", groups=2).astype("float32")
+    args = [cp.asarray(getattr(case, name)) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    h0 = cp.asarray(case.initial_state)
+    out, last, res = cupy_cuda.scan_fwd(*args, True, h0, "mamba", save_checkpoints=True)
+    out2, last2 = cupy_cuda.scan_fwd(*args, True, h0, "mamba")
+    assert bool(cp.array_equal(out, out2)) and bool(cp.array_equal(last, last2))
+    dout = cp.asarray(rng.standard_normal(case.u.shape).astype(np.float32))
+    dlast = cp.asarray(rng.standard_normal(case.initial_state.shape).astype(np.float32))
+    reused = cupy_cuda.scan_bwd(dout, dlast, *args, True, h0, "mamba", residuals=res)
+    recomputed = cupy_cuda.scan_bwd(dout, dlast, *args, True, h0, "mamba")
+    for a, b in zip(reused, recomputed):
+        assert rel_err(cp.asnumpy(a), cp.asnumpy(b).astype(np.float64)) <= 1e-5
+    shorter = [a[..., :100] if a.ndim >= 3 else a for a in args]
+    with pytest.raises(ValueError, match="residuals"):
+        cupy_cuda.scan_bwd(dout[..., :100], dlast, *shorter, True, h0, "mamba", residuals=res)
+
+
+@gpu
 def test_dstate_limit_on_the_device(cupy_backend, rng):
     case = make_case(rng, dstate=cupy_cuda.MAX_DSTATE + 1)
     with pytest.raises(ValueError, match="numba or torch"):

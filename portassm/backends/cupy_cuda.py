@@ -35,7 +35,11 @@ NAME = "cupy"
 __all__ = [  # noqa: RUF022  (the contract's order, then the extras)
     "NAME", "probe", "configure", "namespace", "asarray", "to_numpy", "is_native",
     "scan_fwd", "scan_bwd", "scan_step", "MAX_DSTATE", "kernel_sources", "kernel_names", "NVRTC_OPTIONS",
+    "SUPPORTS_RESIDUALS", "Checkpoints",
 ]
+
+#: ``scan_fwd(..., save_checkpoints=True)`` returns :class:`Checkpoints`, which ``scan_bwd`` accepts
+SUPPORTS_RESIDUALS = True
 
 # the kernels' compile-time layout (scan.cu's #defines)
 S_LANES = 4  # threads per channel
@@ -320,7 +324,9 @@ def _group_span(dim: int, groups: int) -> int:
 class _Scan:
     """The arguments of one scan, cast to the kernels' types, with its launch geometry."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(), lanes=False):
+    def __init__(
+        self, u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(), lanes=False, chunk_len=None
+    ):
         cp = _cupy()
         self.cp = cp
         self.batch, self.dim, self.seqlen = (int(s) for s in u.shape)
@@ -371,7 +377,10 @@ class _Scan:
             (gb is None and gc is None) or (self.dim // self.groups) % self.bw_cpb == 0
         )
         self.bw_nblk = -(-self.dim // self.bw_cpb)
-        self.chunk_len, self.K = self._chunking(u)
+        if chunk_len is None:
+            self.chunk_len, self.K = self._chunking(u)
+        else:  # the chunks of the forward whose checkpoints the backward reuses
+            self.chunk_len, self.K = chunk_len, max(1, -(-self.seqlen // chunk_len))
         self.smem_fwd(), self.smem_bwd()  # a ValueError now, before any launch, when too large
         self.module = _module("scan.cu", self.storage, self.compute, self.npt, self.disc, self.nl)
         self.args_tail = (
@@ -542,42 +551,97 @@ def _like(grad, arg):
 # kernels of the contract
 
 
-def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization):
-    """The selective scan; see :mod:`portassm.backends` for the normalised argument forms."""
+class Checkpoints:
+    """What ``scan_fwd(..., save_checkpoints=True)`` keeps for ``scan_bwd``.
+
+    ``states``: the state before every CKPT_T-th step, (batch, dim, ceil(seqlen /
+    CKPT_T), dstate) in the compute dtype (1/16 of all states, what the backward would
+    otherwise recompute with one more forward pass); ``chunk_len``: the chunk length of
+    that forward; ``P``: with several chunks, the product of Abar over each chunk
+    (batch, dim, chunks, dstate), which chains the adjoint across chunks; else None.
+    """
+
+    __slots__ = ("P", "chunk_len", "states")
+
+    def __init__(self, states, chunk_len: int, P):
+        self.states, self.chunk_len, self.P = states, chunk_len, P
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.states.nbytes) + (0 if self.P is None else int(self.P.nbytes))
+
+
+def scan_fwd(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization, *, save_checkpoints=False
+):
+    """The selective scan; see :mod:`portassm.backends` for the normalised argument forms.
+
+    With ``save_checkpoints``, also returns the :class:`Checkpoints` that ``scan_bwd``
+    reuses (written by the same pass that writes ``out``).
+    """
     s = _Scan(u, delta, A, B, C, D, z, delta_bias, initial_state, discretization)
     s.softplus = bool(delta_softplus)
     out = s.empty(s.batch, s.dim, s.seqlen, dtype=s.T)
     last = s.empty(s.batch, s.dim, s.dstate)
+    nck = -(-s.seqlen // CKPT_T) if save_checkpoints else 0
+    ckpt = s.empty(s.batch, s.dim, nck, s.dstate) if save_checkpoints else None
+    P = None
     if s.batch * s.dim == 0:
         last[...] = 0 if s.initial_state is None else s.initial_state
-        return out.astype(u.dtype, copy=False), last
-    if s.K == 1:
-        s.forward(out, s.initial_state, 1, last, None, None)
+    elif s.K == 1:
+        s.forward(out, s.initial_state, 1, last, None, ckpt, nck)
     else:
-        hstart, _ = s.chained_starts(last)
-        s.forward(out, hstart, s.K, None, None, None)
-    return (out if out.dtype == u.dtype else out.astype(u.dtype)), last
+        hstart, P = s.chained_starts(last)
+        s.forward(out, hstart, s.K, None, None, ckpt, nck)
+    out = out if out.dtype == u.dtype else out.astype(u.dtype)
+    if save_checkpoints:
+        return out, last, Checkpoints(ckpt, s.chunk_len, P if s.K > 1 else None)
+    return out, last
 
 
-def scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization):
+def scan_bwd(
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization, *,
+    residuals=None,
+):
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``.
 
     The states are recomputed: a forward pass keeps every CKPT_T-th state, then the
-    backward kernel rebuilds each tile's states from its checkpoint.
+    backward kernel rebuilds each tile's states from its checkpoint. ``residuals``: the
+    :class:`Checkpoints` of ``scan_fwd(..., save_checkpoints=True)`` on the same
+    arguments, which spare that forward pass.
     """
-    s = _Scan(u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(dout,), lanes=True)
+    s = _Scan(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(dout,), lanes=True,
+        chunk_len=None if residuals is None else residuals.chunk_len,
+    )
     s.softplus = bool(delta_softplus)
     dout_ = s.big(dout)
     dlast = s.small(dlast_state)
     b_, d_, L, N, K = s.batch, s.dim, s.seqlen, s.dstate, s.K
     nck = -(-L // CKPT_T)
-    ckpt = s.empty(b_, d_, nck, N)
+    if residuals is None:
+        ckpt = s.empty(b_, d_, nck, N)
+    else:
+        ckpt, P = residuals.states, residuals.P
+        if (
+            tuple(ckpt.shape) != (b_, d_, nck, N)
+            or ckpt.dtype != s.W
+            or (K > 1) != (P is not None)
+            or (P is not None and (tuple(P.shape) != (b_, d_, K, N) or P.dtype != s.W))
+        ):
+            raise ValueError(
+                f"residuals of shape {tuple(ckpt.shape)} and dtype {ckpt.dtype} (chunk length {residuals.chunk_len}) "
+                f"do not belong to this problem (expected {(b_, d_, nck, N)}, {np.dtype(s.W)}): pass those of "
+                "scan_fwd on the same arguments"
+            )
     if K == 1:
-        s.forward(None, s.initial_state, 1, None, None, ckpt, nck)
+        if residuals is None:
+            s.forward(None, s.initial_state, 1, None, None, ckpt, nck)
         g0, g0_chunks, dinit = dlast, 1, None
     else:
-        hstart, P = s.chained_starts(None)
-        s.forward(None, hstart, K, None, None, ckpt, nck)
+        if residuals is None:
+            hstart, P = s.chained_starts(None)
+            s.forward(None, hstart, K, None, None, ckpt, nck)
         gloc = s.empty(b_, d_, K, N)
         s.backward(dout_, None, 1, gloc, ckpt, nck, None)
         g0 = s.empty(b_, d_, K, N)
