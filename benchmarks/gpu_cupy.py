@@ -157,6 +157,19 @@ def bench_scan(cp, portassm, size, dtype_name, dtype, seed, inputs=None):
     return f_ms, fb_ms
 
 
+def bench_with_vjp(cp, portassm, x, dout):
+    """portassm.scan_with_vjp then its vjp (the backward reusing the forward's
+    checkpoints), median ms; None where portassm has no scan_with_vjp."""
+    if not hasattr(portassm, "scan_with_vjp"):
+        return None
+
+    def run():
+        _, vjp = portassm.scan_with_vjp(**x, delta_softplus=True)
+        return vjp(dout)
+
+    return median_ms(run, n_repeat=15, n_warmup=3)[0]
+
+
 def bench_step(cp, portassm, dtype, seed, batch=1, dim=1536, dstate=16):
     from portassm.backends import cupy_cuda
 
@@ -301,6 +314,10 @@ def main() -> int:
                 of_ms, ofb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
                 cupy_cuda.configure(layout=None)
                 diff = layouts_differ(cp, portassm, *inputs)
+                wv_ms = bench_with_vjp(cp, portassm, *inputs)
+                if wv_ms is not None:
+                    print(f"{size} {name}: scan_with_vjp + vjp {wv_ms:.3f} ms "
+                          f"({wv_ms / OFFICIAL[size][name][1]:.2f}x official fwd+bwd)", flush=True)
             except Exception as exc:  # noqa: BLE001  (report and go on: one failure must not lose the other rows)
                 print(f"{size} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 cupy_cuda.configure(layout=None)
