@@ -50,6 +50,7 @@ VARIANTS = (
     ("lanes fwd, B/C in shared memory, 8 warps", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_WARPS=8", "LS_MIN_BLOCKS=4")),
     ("lanes fwd, B/C in shared memory, 6 blocks", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_MIN_BLOCKS=6")),
     ("split, no chunking", {"layout": "split", "min_threads": 1}, ()),
+    ("split forward passes, lanes backward kernel", {"layout": "lanes-bwd"}, ()),
 )
 VARIANT_SIZES = ((8, 1536, 2048, 16), (1, 1536, 16384, 16))
 

@@ -175,7 +175,7 @@ def test_repeated_calls_are_bit_identical(cupy_backend, rng, chunk):
 
 
 @gpu
-@pytest.mark.parametrize("layout", ["lanes", "split"])
+@pytest.mark.parametrize("layout", ["lanes", "split", "lanes-bwd"])
 @pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
 @pytest.mark.parametrize("dstate, form", [(16, "grouped"), (24, "selective"), (16, "invariant")])
 def test_each_layout_agrees_with_the_oracle(cupy_backend, rng, layout, chunk, dstate, form):

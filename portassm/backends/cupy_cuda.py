@@ -59,7 +59,7 @@ _DEFAULT_SMEM = 48 * 1024
 _MAX_SMEM = 227 * 1024  # a block's shared memory on sm_90, after opting in
 
 _options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None}
-LAYOUTS = ("lanes", "split")
+LAYOUTS = ("lanes", "split", "lanes-bwd")
 LANES = (16, 32)  # lanes per channel of the one-state-per-lane kernels: dstate <= 16, <= 32
 #: extra preprocessor definitions for the .cu sources (the benchmark's layout variants)
 _defines: tuple[str, ...] = ()
@@ -170,13 +170,13 @@ def configure(**options: Any) -> None:
     min_threads : int or None
         Below this many threads for batch * dim alone, the sequence is chunked to reach
         about twice as many; None: 256 per multiprocessor (1024 with the "lanes" layout).
-    layout : "lanes", "split" or None
+    layout : "lanes", "split", "lanes-bwd" or None
         The kernels' thread layout: "lanes", one state per lane (16 or 32 lanes per
         channel; dstate <= 32), or "split", 4 lanes per channel each holding dstate / 4
-        states (any dstate up to 64). None (the default): the faster of the two as
-        measured on the H100 (docs/backends/cupy.md): "split" for ``scan_fwd``, "lanes"
-        for ``scan_bwd`` (its checkpoint pass and the backward kernel) where dstate
-        allows.
+        states (any dstate up to 64); "lanes-bwd": the lanes backward kernel, every
+        forward pass split. None (the default): the faster as measured on the H100
+        (docs/backends/cupy.md): "split" for ``scan_fwd``, "lanes" for ``scan_bwd`` (its
+        checkpoint pass and the backward kernel) where dstate allows.
     """
     unknown = set(options) - set(_options)
     if unknown:
@@ -287,12 +287,8 @@ def _states_per_thread(dstate: int) -> int:
     )
 
 
-def _lanes(dstate: int, default: bool) -> int | None:
-    """Lanes per channel of the one-state-per-lane kernels, or None for the split layout;
-    ``default``: whether the layout option None means "lanes" here."""
-    layout = _options["layout"] or ("lanes" if default else "split")
-    if layout == "split":
-        return None
+def _lanes(dstate: int) -> int | None:
+    """Lanes per channel of the one-state-per-lane kernels for this dstate (None: too large)."""
     for nl in LANES:
         if dstate <= nl:
             return nl
@@ -362,10 +358,12 @@ class _Scan:
         self.Cinv = None if gc else self.small(C)
         self.gspan = _group_span(self.dim, self.groups) if (gb or gc) else 1
         self.nblk = -(-self.dim // CH_BLOCK)
-        self.nl = _lanes(self.dstate, lanes)
-        if self.nl is not None:
+        layout = _options["layout"] or ("lanes" if lanes else "split")
+        nl = _lanes(self.dstate)
+        self.nl = nl if layout == "lanes" else None  # the forward passes' layout: lanes, or split (None)
+        if nl is not None:
             self.ls_threads = 32 * _define_int("LS_WARPS", 4)
-            self.ls_cpb = self.ls_threads // self.nl  # channels per block
+            self.ls_cpb = self.ls_threads // nl  # channels per block
             per = 16 // np.dtype(self.T).itemsize
             self.vec_bc = int(
                 self.seqlen % per == 0 and all(M is None or M.data.ptr % 16 == 0 for M in (self.Bsel, self.Csel))
@@ -373,8 +371,11 @@ class _Scan:
         # the one-state-per-lane backward: 16 lanes, float32 compute, and each block's
         # channels in one group (its dB, dC partial sums are per block)
         self.bw_cpb = 2 * _define_int("BW_WARPS", 16)
-        self.bw_lanes = self.nl == 16 and not self.wide and (
-            (gb is None and gc is None) or (self.dim // self.groups) % self.bw_cpb == 0
+        self.bw_lanes = (
+            layout in ("lanes", "lanes-bwd")
+            and nl == 16
+            and not self.wide
+            and ((gb is None and gc is None) or (self.dim // self.groups) % self.bw_cpb == 0)
         )
         self.bw_nblk = -(-self.dim // self.bw_cpb)
         if chunk_len is None:
@@ -382,7 +383,9 @@ class _Scan:
         else:  # the chunks of the forward whose checkpoints the backward reuses
             self.chunk_len, self.K = chunk_len, max(1, -(-self.seqlen // chunk_len))
         self.smem_fwd(), self.smem_bwd()  # a ValueError now, before any launch, when too large
-        self.module = _module("scan.cu", self.storage, self.compute, self.npt, self.disc, self.nl)
+        self.module = _module(
+            "scan.cu", self.storage, self.compute, self.npt, self.disc, nl if (self.nl or self.bw_lanes) else None
+        )
         self.args_tail = (
             _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.gspan),
             _i64(self.chunk_len),
