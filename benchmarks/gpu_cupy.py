@@ -49,6 +49,8 @@ VARIANTS = (
     ("lanes fwd, B/C tiles in shared memory", {"layout": "lanes"}, ("LS_BC_SMEM=1",)),
     ("lanes fwd, B/C in shared memory, 8 warps", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_WARPS=8", "LS_MIN_BLOCKS=4")),
     ("lanes fwd, B/C in shared memory, 6 blocks", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_MIN_BLOCKS=6")),
+    ("lanes bwd, B/C tiles in shared memory", {"layout": "lanes"}, ("BW_BC_SMEM=1",)),
+    ("lanes-bwd layout, bwd B/C in shared memory", {"layout": "lanes-bwd"}, ("BW_BC_SMEM=1",)),
     ("split, no chunking", {"layout": "split", "min_threads": 1}, ()),
     ("split forward passes, lanes backward kernel", {"layout": "lanes-bwd"}, ()),
 )

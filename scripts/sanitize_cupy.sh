@@ -40,8 +40,8 @@ for chunk in (None, 32):
     run(2, 64, 72, 16, (2, 1, 16, 72), "float32", chunk)           # 16-byte B/C loads (seqlen % 4 == 0)
     run(2, 40, 70, 24, (2, 1, 24, 70), "float32", chunk)           # 32 lanes per channel
 # the one-state-per-lane kernels everywhere (scan's default is the split forward), and
-# the variant that stages B/C tiles in shared memory (blocks inside one group, across two)
-for defines in ((), ("LS_BC_SMEM=1",)):
+# the variants that stage B/C tiles in shared memory (blocks inside one group, across two)
+for defines in ((), ("LS_BC_SMEM=1", "BW_BC_SMEM=1")):
     cupy_cuda._defines = defines
     cupy_cuda.configure(layout="lanes")
     for chunk in (None, 32):

@@ -116,10 +116,10 @@ def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, np
 
 
 def test_shared_memory_bc_variant_compiles(nvrtc):
-    """The benchmark's variant that stages B/C tiles in shared memory (-DLS_BC_SMEM=1)."""
+    """The benchmark's variants that stage B/C tiles in shared memory (-DLS_BC_SMEM=1, -DBW_BC_SMEM=1)."""
     names = cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16)
-    options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", "-DLS_BC_SMEM=1"]
-    ok, log = nvrtc.compile(cupy_cuda.kernel_sources()["scan.cu"], "scan.cu", names[-2:-1], options)
+    options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", "-DLS_BC_SMEM=1", "-DBW_BC_SMEM=1"]
+    ok, log = nvrtc.compile(cupy_cuda.kernel_sources()["scan.cu"], "scan.cu", names[-2:], options)
     assert ok, log
     assert "warning" not in log.lower(), log
 

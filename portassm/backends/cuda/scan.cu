@@ -881,6 +881,9 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
 #ifndef BW_MIN_BLOCKS
 #define BW_MIN_BLOCKS 1
 #endif
+#ifndef BW_BC_SMEM  // 1: the block stages its group's B and C tiles in shared memory once for its
+#define BW_BC_SMEM 0  // 32 channels (double-buffered, the next tile in flight in registers)
+#endif
 template <typename T, typename W, int NL, int DISC>
 __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_kernel(
     const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
@@ -892,7 +895,13 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
     W* __restrict__ dD_part, W* __restrict__ dbias_part, int dim, int dstate, long long seqlen, int groups, int vec_bc,
     long long chunk_len) {
     constexpr int TT = NL, CPW = 32 / NL, CPB = CPW * BW_WARPS;
+#if BW_BC_SMEM
+    constexpr int RR = TT + 1;  // row stride of the dB/dC staging (scalar stores without bank conflicts)
+    constexpr int NTH = BW_WARPS * 32, RB = TT + 4, BCE = (NL * TT + NTH - 1) / NTH;
+    __shared__ __align__(16) W s_bc[2][2][NL * RB];  // [buffer][B or C][state][step]
+#else
     constexpr int RR = TT + 4;  // row stride of the dB/dC staging (16-byte stores without bank conflicts)
+#endif
     __shared__ __align__(16) W s_x[BW_WARPS * CPW * TT * 4];  // per channel and step: (dt, u, dy, dt*u)
     __shared__ __align__(16) W s_red[2 * BW_WARPS * NL * RR];  // [B or C][warp][state][step]
     const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / NL, n = threadIdx.x % NL;
@@ -916,11 +925,43 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
     W dA_acc = W(0), dBi_acc = W(0), dCi_acc = W(0), dD_acc = W(0), dbias_acc = W(0);
 
     const int ntiles = (int)((t_end - t_begin + TT - 1) / TT);
+#if BW_BC_SMEM
+    const int d_first = (int)blockIdx.x * CPB, g_blk = (d_first < dim ? d_first : dim - 1) / (dim / groups);
+    const bool bc_shared = nvalid && g_ == g_blk;
+    const T* bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    const T* cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    T rbn[BCE], rcn[BCE];  // the next tile's elements of B and C, in flight
+    int buf = 0;
+    if (ntiles > 0) {
+        const long long tl = t_begin + (long long)(ntiles - 1) * TT;
+        const int ntl = (int)(t_end - tl);
+        if (full && Bsel) fetch_tile<NL, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, tl, ntl);
+        if (Csel) fetch_tile<NL, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tl, ntl);
+    }
+#endif
     for (int it = ntiles - 1; it >= 0; --it) {
         const long long t0 = t_begin + (long long)it * TT;
         const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
         const bool tv = dvalid && n < nt;
         const long long t = t0 + n;
+#if BW_BC_SMEM
+        {  // stage this tile's B, C (fetched during the previous tile), then fetch the next one down
+#pragma unroll
+            for (int r = 0; r < BCE; ++r) {
+                const int e = threadIdx.x + r * NTH;
+                if (e < NL * TT) {
+                    if (full && Bsel) s_bc[buf][0][(e / TT) * RB + e % TT] = widen(rbn[r]);
+                    if (Csel) s_bc[buf][1][(e / TT) * RB + e % TT] = widen(rcn[r]);
+                }
+            }
+            __syncthreads();  // (double buffer: the readers of this buffer, two tiles ago, are done)
+            if (it > 0) {
+                const long long tn = t0 - TT;
+                if (full && Bsel) fetch_tile<NL, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, tn, TT);
+                if (Csel) fetch_tile<NL, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tn, TT);
+            }
+        }
+#endif
         // lane n stages step n
         W uu = W(0), v = W(0), go = W(0), zz = W(0);
         if (tv) {
@@ -931,17 +972,28 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
         }
         W bv[TT], cv[TT];
         if (full) {
+#if BW_BC_SMEM
+            if (Bsel && bc_shared) read_row<TT>(bv, &s_bc[buf][0][n * RB]);
+            else
+#endif
             if (Bsel) load_row<TT>(bv, brow + t0, nvalid ? nt : 0, vec_bc != 0);
             else {
 #pragma unroll
                 for (int j = 0; j < TT; ++j) bv[j] = binv;
             }
         }
+#if BW_BC_SMEM
+        if (Csel && bc_shared) read_row<TT>(cv, &s_bc[buf][1][n * RB]);
+        else
+#endif
         if (Csel) load_row<TT>(cv, crow + t0, nvalid ? nt : 0, vec_bc != 0);
         else {
 #pragma unroll
             for (int j = 0; j < TT; ++j) cv[j] = cinv;
         }
+#if BW_BC_SMEM
+        buf ^= 1;
+#endif
         const W hck = (full && nvalid) ? ckpt[(chan * nck + t0 / CKPT_T) * dstate + n] : W(0);
         W dt = v, dsp = W(1), sz = W(1), dy = go;
         if (tv) {
