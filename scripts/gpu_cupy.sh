@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/portassm-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-T_BENCH=${T_BENCH:-100} T_TESTS=${T_TESTS:-140} T_SAN=${T_SAN:-140}
+T_BENCH=${T_BENCH:-140} T_TESTS=${T_TESTS:-110} T_SAN=${T_SAN:-110}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 start=$SECONDS
 timeout "$T_BENCH" python3 benchmarks/gpu_cupy.py --variants >"$OUT/bench_cupy.log" 2>&1
