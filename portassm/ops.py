@@ -138,7 +138,11 @@ def scan_vjp(
     backend, a, extra = _scan_inputs(
         u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, dout=dout, dlast_state=dlast_state
     )
-    dout, dlast_state = extra["dout"], extra["dlast_state"]
+    return _scan_grads(backend, a, extra["dout"], extra["dlast_state"], delta_softplus, discretization, None)
+
+
+def _scan_grads(backend, a, dout, dlast_state, delta_softplus, discretization, residuals) -> ScanGrads:
+    """Check the cotangents against the validated arguments ``a``, run the backward kernel, map dB and dC back."""
     checks.check_ndim("dout", dout, {3: "(batch, dim, seqlen)"})
     for axis, what in enumerate(("batch", "dim", "seqlen")):
         checks.check_size("dout", dout, axis, what, "u", a.u.shape[axis])
@@ -147,9 +151,10 @@ def scan_vjp(
     if a.seqlen == 0:
         grads = _empty_scan_grads(backend, a, dlast_state)
     else:
+        saved = {} if residuals is None else {"residuals": residuals}
         grads = backend.scan_bwd(
             dout, dlast_state, a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, bool(delta_softplus),
-            a.initial_state, discretization,
+            a.initial_state, discretization, **saved,
         )
     grads = list(grads)
     if a.B_was_3d:
@@ -157,6 +162,56 @@ def scan_vjp(
     if a.C_was_3d:
         grads[4] = grads[4][:, 0]
     return ScanGrads(*grads)
+
+
+def scan_with_vjp(
+    u: Array,
+    delta: Array,
+    A: Array,
+    B: Array,
+    C: Array,
+    D: Array | None = None,
+    z: Array | None = None,
+    delta_bias: Array | None = None,
+    delta_softplus: bool = False,
+    *,
+    initial_state: Array | None = None,
+    return_last_state: bool = False,
+    discretization: str = "mamba",
+) -> tuple:
+    """:func:`scan`, plus a function that gives its gradients (as ``jax.vjp``).
+
+    Takes :func:`scan`'s arguments and returns ``(out, vjp)``, or ``(out, last_state,
+    vjp)`` with ``return_last_state``. ``vjp(dout, dlast_state=None)`` returns the
+    :class:`ScanGrads` that ``scan_vjp(dout, <the same arguments>, dlast_state=...)``
+    returns. It can be called any number of times, with different cotangents.
+
+    The difference with ``scan`` then ``scan_vjp`` is the work: on backends that support
+    it (numba) the forward keeps the states at chunk boundaries (one state per
+    channel every 64 steps: O(batch·dim·dstate·seqlen/64) memory), and the backward
+    starts from them instead of running the recurrence over the sequence once more.
+    Other backends recompute as ``scan_vjp`` does. ``vjp`` holds on to the arguments
+    and runs on the backend that was in force when ``scan_with_vjp`` was called.
+    """
+    backend, a, _ = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, discretization)
+    residuals = None
+    if a.seqlen == 0:
+        out, last = a.u, _empty_scan_state(backend, a)
+    else:
+        args = (a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, bool(delta_softplus), a.initial_state,
+                discretization)
+        if getattr(backend.module, "SUPPORTS_RESIDUALS", False):
+            out, last, residuals = backend.scan_fwd(*args, save_checkpoints=True)
+        else:
+            out, last = backend.scan_fwd(*args)
+
+    def vjp(dout: Array, dlast_state: Array | None = None) -> ScanGrads:
+        extra = checks.to_backend(backend, dout=dout, dlast_state=dlast_state)
+        return _scan_grads(
+            backend, a, extra["dout"], extra["dlast_state"], delta_softplus, discretization, residuals
+        )
+
+    return (out, last, vjp) if return_last_state else (out, vjp)
 
 
 def _empty_scan_grads(backend: Any, a: checks.ScanArgs, dlast_state: Array | None) -> tuple:

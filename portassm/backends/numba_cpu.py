@@ -24,6 +24,11 @@ in a (dstate, 16) scratch array that stays in L1, then applies the gate and writ
 Nothing of size (batch, dim, seqlen, dstate) exists at any point: the memory traffic is
 reading u, delta, z, B, C once and writing out once.
 
+Time indices that are not a ``range`` variable are cast to ``uint64``: numba wraps a
+negative signed index around (``i + n`` when ``i < 0``), a select that keeps LLVM from
+seeing consecutive addresses, so a loop over ``u[b, d, t0 + tt]`` ran scalar (4x slower
+than with ``u[b, d, uint64(t0 + tt)]``, which numba knows cannot be negative).
+
 The exponential per (b, d, t, n) dominates. float32 uses the vectorisable power-of-two
 polynomial of :mod:`portassm.backends.numba_kernels` with A pre-multiplied by log2(e);
 float64 calls libm.
@@ -47,7 +52,7 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, uint64
 
 from . import numba_kernels as nk
 from ._host import asarray, is_native, namespace, to_numpy
@@ -56,8 +61,11 @@ NAME = "numba"
 
 __all__ = [
     "NAME", "probe", "configure", "describe", "namespace", "asarray", "to_numpy", "is_native",
-    "scan_fwd", "scan_bwd", "scan_step", "causal_conv1d", "causal_conv1d_step",
+    "scan_fwd", "scan_bwd", "scan_step", "causal_conv1d", "causal_conv1d_step", "SUPPORTS_RESIDUALS", "Checkpoints",
 ]
+
+#: ``scan_fwd(..., save_checkpoints=True)`` returns :class:`Checkpoints`, which ``scan_bwd`` accepts
+SUPPORTS_RESIDUALS = True
 
 #: channels per block: the vector width of the innermost loops (2 x 8 float32 lanes of AVX2)
 LANES = 16
@@ -151,90 +159,104 @@ def _block(job, nseg, nsub, segment, wb, wc):
 
 
 @njit(fastmath=nk.FASTMATH, **nk.JIT)
-def _load_block(A, B, C, h0, b, d0, nl, a_, as_, bl, cl, h):
-    """Per-lane copies, (dstate, LANES): A, A times ``exp_scale``, time-invariant B and C, the initial state."""
+def _load_block(A, B, C, h0, b, d0, nl, tid, a_, as_, bl, cl, h):
+    """Per-lane copies, ``[tid]`` (dstate, LANES): A, A times ``exp_scale``, time-invariant B and C, the initial state."""
     scale = nk.exp_scale(A[0, 0])
     for j in range(LANES):
         d = d0 + min(j, nl - 1)
         for n in range(A.shape[1]):
-            a_[n, j] = A[d, n]
-            as_[n, j] = A[d, n] * scale
-            h[n, j] = h0[b, d, n]
+            a_[tid, n, j] = A[d, n]
+            as_[tid, n, j] = A[d, n] * scale
+            h[tid, n, j] = h0[b, d, n]
             if B.ndim == 2:
-                bl[n, j] = B[d, n]
+                bl[tid, n, j] = B[d, n]
             if C.ndim == 2:
-                cl[n, j] = C[d, n]
+                cl[tid, n, j] = C[d, n]
 
 
 # --------------------------------------------------------------------------- forward
 
 
 def _make_scan_fwd(method: int):
+    # Scratch arrays are allocated once, one slice per thread (``[tid]``), outside the
+    # prange and indexed without views: numba's alias analysis then finds nothing
+    # aliased and marks the arrays of the loop body ``noalias``, so LLVM vectorises the
+    # lane loops without runtime overlap checks. The lane loops run to ``lanes`` (=
+    # LANES, a run-time value): a constant trip count of 16 is fully unrolled before the
+    # loop vectoriser sees it, and the unrolled code stayed scalar.
     @njit(parallel=True, fastmath=nk.FASTMATH, **nk.JIT)
-    def scan_fwd_kernel(u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc, out, last):
+    def scan_fwd_kernel(
+        u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc, lanes, out, last, save, ckpt,
+    ):
         batch, dim, seqlen = u.shape
         dstate = A.shape[1]
         nseg = dim // segment
+        dt_ = u.dtype
+        nth = numba.config.NUMBA_NUM_THREADS
+        a_ = np.empty((nth, dstate, LANES), dt_)
+        as_ = np.empty((nth, dstate, LANES), dt_)
+        bl = np.empty((nth, dstate, LANES), dt_)  # time-invariant B and C, per lane
+        cl = np.empty((nth, dstate, LANES), dt_)
+        h = np.empty((nth, dstate, LANES), dt_)
+        # Δ, Δu and y of a chunk, one row per lane (contiguous in time: the elementwise
+        # passes vectorise along time); lane vectors of one step
+        dts = np.empty((nth, LANES, CHUNK), dt_)
+        dus = np.empty((nth, LANES, CHUNK), dt_)
+        ys = np.empty((nth, LANES, CHUNK), dt_)
+        dtl = np.empty((nth, LANES), dt_)
+        dul = np.empty((nth, LANES), dt_)
+        yl = np.empty((nth, LANES), dt_)
         for job in prange(batch * nseg * nsub):
+            tid = numba.get_thread_id()
             b, d0, nl, gb, gc = _block(job, nseg, nsub, segment, wb, wc)
-            dt_ = u.dtype
-            a_ = np.empty((dstate, LANES), dt_)
-            as_ = np.empty((dstate, LANES), dt_)
-            bl = np.empty((dstate, LANES), dt_)  # time-invariant B and C, per lane
-            cl = np.empty((dstate, LANES), dt_)
-            h = np.empty((dstate, LANES), dt_)
-            # Δ, Δu and y of a chunk, one row per lane (contiguous in time: the
-            # elementwise passes vectorise along time); lane vectors of one step
-            dts = np.empty((LANES, CHUNK), dt_)
-            dus = np.empty((LANES, CHUNK), dt_)
-            ys = np.empty((LANES, CHUNK), dt_)
-            dtl = np.empty(LANES, dt_)
-            dul = np.empty(LANES, dt_)
-            yl = np.empty(LANES, dt_)
-            _load_block(A, B, C, h0, b, d0, nl, a_, as_, bl, cl, h)
+            _load_block(A, B, C, h0, b, d0, nl, tid, a_, as_, bl, cl, h)
             for t0 in range(0, seqlen, CHUNK):
                 tn = min(CHUNK, seqlen - t0)
+                if save:  # the state at the start of the chunk, for the backward
+                    for n in range(dstate):
+                        for j in range(lanes):
+                            ckpt[job, t0 // CHUNK, n, j] = h[tid, n, j]
                 for j in range(LANES):
                     d = d0 + min(j, nl - 1)
                     bd = bias[d]
                     Dd = D[d]
                     for tt in range(tn):
-                        uu = u[b, d, t0 + tt]
-                        x = delta[b, d, t0 + tt] + bd
+                        uu = u[b, d, uint64(t0 + tt)]
+                        x = delta[b, d, uint64(t0 + tt)] + bd
                         dtv = nk.softplus(x) if softplus else x
-                        dts[j, tt] = dtv
-                        dus[j, tt] = dtv * uu
-                        ys[j, tt] = Dd * uu
+                        dts[tid, j, tt] = dtv
+                        dus[tid, j, tt] = dtv * uu
+                        ys[tid, j, tt] = Dd * uu
                 for tt in range(tn):
-                    t = t0 + tt
-                    for j in range(LANES):
-                        dtl[j] = dts[j, tt]
-                        dul[j] = dus[j, tt]
-                        yl[j] = ys[j, tt]
+                    t = uint64(t0 + tt)
+                    for j in range(lanes):
+                        dtl[tid, j] = dts[tid, j, tt]
+                        dul[tid, j] = dus[tid, j, tt]
+                        yl[tid, j] = ys[tid, j, tt]
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
-                        for j in range(LANES):
-                            abar, f = nk.coefficients(method, dtl[j], a_[n, j], as_[n, j])
-                            bv = bn if B.ndim == 4 else bl[n, j]
-                            cv = cn if C.ndim == 4 else cl[n, j]
-                            hv = abar * h[n, j] + dul[j] * f * bv
-                            h[n, j] = hv
-                            yl[j] += cv * hv
-                    for j in range(LANES):
-                        ys[j, tt] = yl[j]
+                        for j in range(lanes):
+                            abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
+                            bv = bn if B.ndim == 4 else bl[tid, n, j]
+                            cv = cn if C.ndim == 4 else cl[tid, n, j]
+                            hv = abar * h[tid, n, j] + dul[tid, j] * f * bv
+                            h[tid, n, j] = hv
+                            yl[tid, j] += cv * hv
+                    for j in range(lanes):
+                        ys[tid, j, tt] = yl[tid, j]
                 for j in range(nl):
                     d = d0 + j
                     if has_z:
                         for tt in range(tn):
-                            zz = z[b, d, t0 + tt]
-                            out[b, d, t0 + tt] = ys[j, tt] * zz * nk.sigmoid(zz)
+                            zz = z[b, d, uint64(t0 + tt)]
+                            out[b, d, uint64(t0 + tt)] = ys[tid, j, tt] * zz * nk.sigmoid(zz)
                     else:
                         for tt in range(tn):
-                            out[b, d, t0 + tt] = ys[j, tt]
+                            out[b, d, uint64(t0 + tt)] = ys[tid, j, tt]
             for j in range(nl):
                 for n in range(dstate):
-                    last[b, d0 + j, n] = h[n, j]
+                    last[b, d0 + j, n] = h[tid, n, j]
 
     return scan_fwd_kernel
 
@@ -242,13 +264,40 @@ def _make_scan_fwd(method: int):
 _SCAN_FWD = {number: _make_scan_fwd(number) for number in (nk.MAMBA, nk.ZOH, nk.BILINEAR)}
 
 
-def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization):
+class Checkpoints:
+    """What ``scan_fwd(..., save_checkpoints=True)`` keeps for ``scan_bwd``: the states at chunk starts.
+
+    ``states`` is (blocks, chunks, dstate, LANES): for every block of ``LANES`` channels
+    (the prange jobs, in order), the state before each chunk of ``CHUNK`` steps,
+    ``ceil(seqlen / CHUNK)`` of them (the first is the initial state). That is
+    ``batch * dim * dstate * ceil(seqlen / CHUNK)`` numbers, plus the spare lanes of
+    blocks narrower than ``LANES``.
+    """
+
+    __slots__ = ("states",)
+
+    def __init__(self, states: np.ndarray):
+        self.states = states
+
+    @property
+    def nbytes(self) -> int:
+        return self.states.nbytes
+
+
+def _checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, segment: int, nsub: int) -> tuple[int, ...]:
+    return batch * (dim // segment) * nsub, -(-seqlen // CHUNK), dstate, LANES
+
+
+def scan_fwd(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization, *, save_checkpoints=False
+):
     """The fused selective scan; arguments and results as in :mod:`portassm.backends`.
 
     Returns
     -------
     out : (batch, dim, seqlen), u's dtype
     last_state : (batch, dim, dstate), float32 (float64 when an input is float64)
+    residuals : :class:`Checkpoints`, only with ``save_checkpoints``
     """
     ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     u_, delta_, A_, B_, C_, D_, z_, bias_, h0 = _prepare(ct, u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -259,12 +308,16 @@ def scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
     segment, nsub, wb, wc = _blocking(dim, B_, C_)
     out = np.empty((batch, dim, seqlen), ct)
     last = np.empty((batch, dim, dstate), ct)
+    ckpt = (np.empty(_checkpoint_shape(batch, dim, seqlen, dstate, segment, nsub), ct) if save_checkpoints
+            else np.empty((1, 1, 1, 1), ct))
     _apply_threads()
     _SCAN_FWD[nk.METHOD_NUMBER[discretization]](
         u_, delta_, A_, B_, C_, _per_channel(D_, dim, ct), _dummy_like(ct) if z_ is None else z_,
-        _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc, out, last,
+        _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc, LANES, out, last,
+        bool(save_checkpoints), ckpt,
     )
-    return out.astype(u.dtype, copy=False), last
+    out = out.astype(u.dtype, copy=False)
+    return (out, last, Checkpoints(ckpt)) if save_checkpoints else (out, last)
 
 
 # --------------------------------------------------------------------------- backward
@@ -275,206 +328,234 @@ def _make_scan_bwd(method: int):
     # elementwise helpers keep their own flags (they are inlined by LLVM, not numba)
     @njit(parallel=True, fastmath=nk.FASTMATH_REDUCE, **nk.JIT)
     def scan_bwd_kernel(
-        dout, dlast, u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc,
+        dout, dlast, u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc, lanes, have_ckpt, ckpt,
         du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0,
     ):
         batch, dim, seqlen = u.shape
         dstate = A.shape[1]
         nseg = dim // segment
         nchunks = (seqlen + CHUNK - 1) // CHUNK
+        dt_ = u.dtype
+        nth = numba.config.NUMBA_NUM_THREADS
+        a_ = np.empty((nth, dstate, LANES), dt_)
+        as_ = np.empty((nth, dstate, LANES), dt_)
+        bl = np.empty((nth, dstate, LANES), dt_)
+        cl = np.empty((nth, dstate, LANES), dt_)
+        h = np.empty((nth, dstate, LANES), dt_)
+        g = np.empty((nth, dstate, LANES), dt_)
+        dAl = np.zeros((nth, dstate, LANES), dt_)
+        dBl = np.zeros((nth, dstate, LANES), dt_)  # time-invariant B and C: per-lane sums over time
+        dCl = np.zeros((nth, dstate, LANES), dt_)
+        hs = np.empty((nth, CHUNK, dstate, LANES), dt_)  # the state before step tt of the chunk
+        abars = np.empty((nth, CHUNK, dstate, LANES), dt_)
+        dBc = np.empty((nth, dstate, CHUNK), dt_)  # this block's share of dB, dC over the chunk
+        dCc = np.empty((nth, dstate, CHUNK), dt_)
+        # per (channel, time) values of a chunk, one row per lane (contiguous in time)
+        dts = np.empty((nth, LANES, CHUNK), dt_)
+        dus = np.empty((nth, LANES, CHUNK), dt_)
+        us = np.empty((nth, LANES, CHUNK), dt_)
+        sps = np.empty((nth, LANES, CHUNK), dt_)  # softplus' (1 without softplus)
+        ys = np.empty((nth, LANES, CHUNK), dt_)
+        dys = np.empty((nth, LANES, CHUNK), dt_)
+        gzs = np.empty((nth, LANES, CHUNK), dt_)  # dz / y: dout times the derivative of z sigmoid(z)
+        dua = np.empty((nth, LANES, CHUNK), dt_)
+        ddt = np.empty((nth, LANES, CHUNK), dt_)
+        # the same at one step, as lane vectors
+        dtl = np.empty((nth, LANES), dt_)
+        dul = np.empty((nth, LANES), dt_)
+        ul = np.empty((nth, LANES), dt_)
+        yl = np.empty((nth, LANES), dt_)
+        dyl = np.empty((nth, LANES), dt_)
+        s1 = np.empty((nth, LANES), dt_)
+        s2 = np.empty((nth, LANES), dt_)
+        dDl = np.zeros((nth, LANES), dt_)
         for job in prange(batch * nseg * nsub):
             tid = numba.get_thread_id()
             b, d0, nl, gb, gc = _block(job, nseg, nsub, segment, wb, wc)
-            dt_ = u.dtype
             zero = nk.const(A[0, 0], 0.0)
             one = nk.const(A[0, 0], 1.0)
-            a_ = np.empty((dstate, LANES), dt_)
-            as_ = np.empty((dstate, LANES), dt_)
-            bl = np.empty((dstate, LANES), dt_)
-            cl = np.empty((dstate, LANES), dt_)
-            h = np.empty((dstate, LANES), dt_)
-            g = np.empty((dstate, LANES), dt_)
-            dAl = np.zeros((dstate, LANES), dt_)
-            dBl = np.zeros((dstate, LANES), dt_)  # time-invariant B and C: per-lane sums over time
-            dCl = np.zeros((dstate, LANES), dt_)
-            ckpt = np.empty((nchunks, dstate, LANES), dt_)
-            hs = np.empty((CHUNK + 1, dstate, LANES), dt_)  # h before step tt is hs[tt]
-            abars = np.empty((CHUNK, dstate, LANES), dt_)
-            # per (channel, time) values of a chunk, one row per lane (contiguous in time)
-            dts = np.empty((LANES, CHUNK), dt_)
-            dus = np.empty((LANES, CHUNK), dt_)
-            us = np.empty((LANES, CHUNK), dt_)
-            sps = np.empty((LANES, CHUNK), dt_)  # softplus' (1 without softplus)
-            ys = np.empty((LANES, CHUNK), dt_)
-            dys = np.empty((LANES, CHUNK), dt_)
-            dua = np.empty((LANES, CHUNK), dt_)
-            ddt = np.empty((LANES, CHUNK), dt_)
-            # the same at one step, as lane vectors
-            dtl = np.empty(LANES, dt_)
-            dul = np.empty(LANES, dt_)
-            ul = np.empty(LANES, dt_)
-            yl = np.empty(LANES, dt_)
-            dyl = np.empty(LANES, dt_)
-            dual = np.empty(LANES, dt_)
-            ddtl = np.empty(LANES, dt_)
-            dDl = np.zeros(LANES, dt_)
-            _load_block(A, B, C, h0, b, d0, nl, a_, as_, bl, cl, h)
+            _load_block(A, B, C, h0, b, d0, nl, tid, a_, as_, bl, cl, h)
             for j in range(LANES):
+                dDl[tid, j] = zero
                 for n in range(dstate):
+                    dAl[tid, n, j] = zero
+                    dBl[tid, n, j] = zero
+                    dCl[tid, n, j] = zero
                     # spare lanes get no cotangent, so they add nothing to shared sums
-                    g[n, j] = dlast[b, d0 + j, n] if j < nl else zero
+                    g[tid, n, j] = dlast[b, d0 + j, n] if j < nl else zero
 
-            # pass 1: the state at the start of every chunk
-            for c in range(nchunks):
-                t0 = c * CHUNK
-                tn = min(CHUNK, seqlen - t0)
-                for n in range(dstate):
-                    for j in range(LANES):
-                        ckpt[c, n, j] = h[n, j]
-                for j in range(LANES):
-                    d = d0 + min(j, nl - 1)
-                    bd = bias[d]
-                    for tt in range(tn):
-                        x = delta[b, d, t0 + tt] + bd
-                        dtv = nk.softplus(x) if softplus else x
-                        dts[j, tt] = dtv
-                        dus[j, tt] = dtv * u[b, d, t0 + tt]
-                for tt in range(tn):
-                    t = t0 + tt
-                    for j in range(LANES):
-                        dtl[j] = dts[j, tt]
-                        dul[j] = dus[j, tt]
+            if not have_ckpt:  # pass 1: the state at the start of every chunk
+                for c in range(nchunks):
+                    t0 = c * CHUNK
+                    tn = min(CHUNK, seqlen - t0)
                     for n in range(dstate):
-                        bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                        for j in range(lanes):
+                            ckpt[job, c, n, j] = h[tid, n, j]
+                    for j in range(LANES):
+                        d = d0 + min(j, nl - 1)
+                        bd = bias[d]
+                        for tt in range(tn):
+                            x = delta[b, d, uint64(t0 + tt)] + bd
+                            dtv = nk.softplus(x) if softplus else x
+                            dts[tid, j, tt] = dtv
+                            dus[tid, j, tt] = dtv * u[b, d, uint64(t0 + tt)]
+                    for tt in range(tn):
+                        t = uint64(t0 + tt)
                         for j in range(LANES):
-                            abar, f = nk.coefficients(method, dtl[j], a_[n, j], as_[n, j])
-                            bv = bn if B.ndim == 4 else bl[n, j]
-                            h[n, j] = abar * h[n, j] + dul[j] * f * bv
+                            dtl[tid, j] = dts[tid, j, tt]
+                            dul[tid, j] = dus[tid, j, tt]
+                        for n in range(dstate):
+                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                            for j in range(lanes):
+                                abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
+                                bv = bn if B.ndim == 4 else bl[tid, n, j]
+                                h[tid, n, j] = abar * h[tid, n, j] + dul[tid, j] * f * bv
 
             # pass 2: chunks in reverse; recompute each chunk's states, then the adjoint
             for c in range(nchunks - 1, -1, -1):
                 t0 = c * CHUNK
                 tn = min(CHUNK, seqlen - t0)
+                # elementwise: Δ, softplus', Δu, D u, the gate's cotangents, dD
                 for j in range(LANES):
                     d = d0 + min(j, nl - 1)
                     bd = bias[d]
                     Dd = D[d]
-                    for tt in range(tn):
-                        uu = u[b, d, t0 + tt]
-                        x = delta[b, d, t0 + tt] + bd
-                        dtv = nk.softplus(x) if softplus else x
-                        dts[j, tt] = dtv
-                        sps[j, tt] = nk.softplus_grad(x) if softplus else one
-                        dus[j, tt] = dtv * uu
-                        us[j, tt] = uu
-                        ys[j, tt] = Dd * uu
-                for n in range(dstate):
-                    for j in range(LANES):
-                        hs[0, n, j] = ckpt[c, n, j]
-                for tt in range(tn):
-                    t = t0 + tt
-                    for j in range(LANES):
-                        dtl[j] = dts[j, tt]
-                        dul[j] = dus[j, tt]
-                        yl[j] = ys[j, tt]
-                    for n in range(dstate):
-                        bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-                        cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
-                        for j in range(LANES):
-                            abar, f = nk.coefficients(method, dtl[j], a_[n, j], as_[n, j])
-                            bv = bn if B.ndim == 4 else bl[n, j]
-                            cv = cn if C.ndim == 4 else cl[n, j]
-                            hv = abar * hs[tt, n, j] + dul[j] * f * bv
-                            hs[tt + 1, n, j] = hv
-                            abars[tt, n, j] = abar
-                            yl[j] += cv * hv
-                    for j in range(LANES):
-                        ys[j, tt] = yl[j]
-                # the gate, dD and the skip's share of du
-                for j in range(LANES):
-                    d = d0 + min(j, nl - 1)
-                    Dd = D[d]
                     live = one if j < nl else zero  # padded lanes: no cotangent
                     acc = zero
                     for tt in range(tn):
-                        go = dout[b, d, t0 + tt] * live
+                        uu = u[b, d, uint64(t0 + tt)]
+                        x = delta[b, d, uint64(t0 + tt)] + bd
+                        dtv = nk.softplus(x) if softplus else x
+                        dts[tid, j, tt] = dtv
+                        sps[tid, j, tt] = nk.softplus_grad(x) if softplus else one
+                        dus[tid, j, tt] = dtv * uu
+                        us[tid, j, tt] = uu
+                        ys[tid, j, tt] = Dd * uu
+                        go = dout[b, d, uint64(t0 + tt)] * live
                         if has_z:
-                            zz = z[b, d, t0 + tt]
+                            zz = z[b, d, uint64(t0 + tt)]
                             sig = nk.sigmoid(zz)
-                            if j < nl:
-                                dz[b, d, t0 + tt] = go * ys[j, tt] * sig * (one + zz * (one - sig))
+                            gzs[tid, j, tt] = go * sig * (one + zz * (one - sig))
                             dy = go * zz * sig
                         else:
                             dy = go
-                        dys[j, tt] = dy
-                        acc += dy * us[j, tt]
-                        dua[j, tt] = Dd * dy
-                    dDl[j] += acc
-                for tt in range(tn - 1, -1, -1):
-                    t = t0 + tt
+                        dys[tid, j, tt] = dy
+                        acc += dy * uu
+                        dua[tid, j, tt] = Dd * dy
+                    dDl[tid, j] += acc
+                # recompute the chunk's states from its checkpoint (and y, and dC, which needs no adjoint)
+                for n in range(dstate):
+                    for j in range(lanes):
+                        h[tid, n, j] = ckpt[job, c, n, j]
+                for tt in range(tn):
+                    t = uint64(t0 + tt)
                     for j in range(LANES):
-                        dtl[j] = dts[j, tt]
-                        ul[j] = us[j, tt]
-                        dyl[j] = dys[j, tt]
-                        dual[j] = dua[j, tt]
-                        ddtl[j] = zero
+                        dtl[tid, j] = dts[tid, j, tt]
+                        dul[tid, j] = dus[tid, j, tt]
+                        yl[tid, j] = ys[tid, j, tt]
+                        dyl[tid, j] = dys[tid, j, tt]
+                    for n in range(dstate):
+                        bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                        cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
+                        sum_c = zero
+                        for j in range(lanes):
+                            abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
+                            bv = bn if B.ndim == 4 else bl[tid, n, j]
+                            cv = cn if C.ndim == 4 else cl[tid, n, j]
+                            hp = h[tid, n, j]
+                            hs[tid, tt, n, j] = hp
+                            abars[tid, tt, n, j] = abar
+                            hv = abar * hp + dul[tid, j] * f * bv
+                            h[tid, n, j] = hv
+                            yl[tid, j] += cv * hv
+                            if C.ndim == 4:
+                                sum_c += hv * dyl[tid, j]
+                            else:
+                                dCl[tid, n, j] += hv * dyl[tid, j]
+                        dCc[tid, n, tt] = sum_c
+                    for j in range(LANES):
+                        ys[tid, j, tt] = yl[tid, j]
+                if has_z:
+                    for j in range(nl):
+                        for tt in range(tn):
+                            dz[b, d0 + j, uint64(t0 + tt)] = gzs[tid, j, tt] * ys[tid, j, tt]
+                # the adjoint, in reverse time. g is dL/dh after step tt; gv adds C dy.
+                # mamba (Abar = exp(Δ A), Bcoef = Δ): with q = Abar gv h_prev,
+                #   dΔ = Σ_n q A + u Σ_n gv B,  du += Δ Σ_n gv B,  dA += q Δ,  dB = Σ_lanes gv Δ u
+                for rt in range(tn):
+                    tt = uint64(tn - 1 - rt)  # reverse time; unsigned: see the module docstring
+                    t = uint64(t0 + tn - 1 - rt)
+                    for j in range(LANES):
+                        dtl[tid, j] = dts[tid, j, tt]
+                        ul[tid, j] = us[tid, j, tt]
+                        dul[tid, j] = dus[tid, j, tt]
+                        dyl[tid, j] = dys[tid, j, tt]
+                        s1[tid, j] = zero
+                        s2[tid, j] = zero
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
                         sum_b = zero
-                        sum_c = zero
-                        for j in range(LANES):
-                            dtv = dtl[j]
-                            an = a_[n, j]
-                            bv = bn if B.ndim == 4 else bl[n, j]
-                            cv = cn if C.ndim == 4 else cl[n, j]
-                            dy = dyl[j]
-                            gv = g[n, j] + cv * dy
-                            hc = hs[tt + 1, n, j] * dy
-                            abar = abars[tt, n, j]
+                        for j in range(lanes):
+                            dtv = dtl[tid, j]
+                            an = a_[tid, n, j]
+                            bv = bn if B.ndim == 4 else bl[tid, n, j]
+                            cv = cn if C.ndim == 4 else cl[tid, n, j]
+                            gv = g[tid, n, j] + cv * dyl[tid, j]
+                            abar = abars[tid, tt, n, j]
+                            gn = abar * gv
+                            g[tid, n, j] = gn
                             if method == nk.MAMBA:
-                                f = one
+                                q = gn * hs[tid, tt, n, j]
+                                s1[tid, j] += gv * bv
+                                s2[tid, j] += q * an
+                                dAl[tid, n, j] += q * dtv
+                                db = gv * dul[tid, j]
                             else:
-                                f = nk.coefficients(method, dtv, an, as_[n, j])[1]
-                            pa_dt, pa_da, pb_dt, pb_da = nk.coefficient_grads(method, dtv, an, abar, f)
-                            dab = gv * hs[tt, n, j]
-                            gu = gv * ul[j]
-                            dbc = gu * bv
-                            bcoef = dtv * f
+                                f = nk.coefficients(method, dtv, an, as_[tid, n, j])[1]
+                                pa_dt, pa_da, pb_dt, pb_da = nk.coefficient_grads(method, dtv, an, abar, f)
+                                dab = gv * hs[tid, tt, n, j]
+                                dbc = gv * ul[tid, j] * bv
+                                bcoef = dtv * f
+                                s1[tid, j] += gv * bcoef * bv
+                                s2[tid, j] += dab * pa_dt + dbc * pb_dt
+                                dAl[tid, n, j] += dab * pa_da + dbc * pb_da
+                                db = gv * ul[tid, j] * bcoef
                             if B.ndim == 4:
-                                sum_b += gu * bcoef
+                                sum_b += db
                             else:
-                                dBl[n, j] += gu * bcoef
-                            if C.ndim == 4:
-                                sum_c += hc
-                            else:
-                                dCl[n, j] += hc
-                            dual[j] += gv * bcoef * bv
-                            ddtl[j] += dab * pa_dt + dbc * pb_dt
-                            dAl[n, j] += dab * pa_da + dbc * pb_da
-                            g[n, j] = abar * gv
-                        if B.ndim == 4:
-                            dB_part[tid, b, gb, n, t] += sum_b
-                        if C.ndim == 4:
-                            dC_part[tid, b, gc, n, t] += sum_c
+                                dBl[tid, n, j] += db
+                        dBc[tid, n, tt] = sum_b
                     for j in range(LANES):
-                        dua[j, tt] = dual[j]
-                        ddt[j, tt] = ddtl[j]
+                        if method == nk.MAMBA:
+                            dua[tid, j, tt] += dtl[tid, j] * s1[tid, j]
+                            ddt[tid, j, tt] = s2[tid, j] + ul[tid, j] * s1[tid, j]
+                        else:
+                            dua[tid, j, tt] += s1[tid, j]
+                            ddt[tid, j, tt] = s2[tid, j]
+                if B.ndim == 4:
+                    for n in range(dstate):
+                        for tt in range(tn):
+                            dB_part[tid, b, gb, n, uint64(t0 + tt)] += dBc[tid, n, tt]
+                if C.ndim == 4:
+                    for n in range(dstate):
+                        for tt in range(tn):
+                            dC_part[tid, b, gc, n, uint64(t0 + tt)] += dCc[tid, n, tt]
                 for j in range(nl):
                     d = d0 + j
                     for tt in range(tn):
-                        du[b, d, t0 + tt] = dua[j, tt]
-                        ddelta[b, d, t0 + tt] = ddt[j, tt] * sps[j, tt]
+                        du[b, d, uint64(t0 + tt)] = dua[tid, j, tt]
+                        ddelta[b, d, uint64(t0 + tt)] = ddt[tid, j, tt] * sps[tid, j, tt]
             for j in range(nl):
                 d = d0 + j
-                dD_b[b, d] = dDl[j]
+                dD_b[b, d] = dDl[tid, j]
                 for n in range(dstate):
-                    dA_b[b, d, n] = dAl[n, j]
-                    dh0[b, d, n] = g[n, j]
+                    dA_b[b, d, n] = dAl[tid, n, j]
+                    dh0[b, d, n] = g[tid, n, j]
                     if B.ndim == 2:
-                        dB_part[0, b, d, n] = dBl[n, j]
+                        dB_part[0, b, d, n] = dBl[tid, n, j]
                     if C.ndim == 2:
-                        dC_part[0, b, d, n] = dCl[n, j]
+                        dC_part[0, b, d, n] = dCl[tid, n, j]
 
     return scan_bwd_kernel
 
@@ -489,10 +570,15 @@ def _shared_grad_buffer(M: np.ndarray, batch: int, dim: int, ct: type) -> np.nda
     return np.empty((1, batch, dim, M.shape[1]), ct)
 
 
-def scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization):
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)`` by recomputation.
+def scan_bwd(
+    dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, discretization, *,
+    residuals=None,
+):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``.
 
-    Each has its argument's shape and dtype; None where the argument was None.
+    ``residuals``: the :class:`Checkpoints` of ``scan_fwd(..., save_checkpoints=True)``
+    on the same arguments; None recomputes them (one more pass over the sequence).
+    Each gradient has its argument's shape and dtype; None where the argument was None.
     """
     ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dout_, dlast, u_, delta_, A_, B_, C_, D_, z_, bias_, h0 = _prepare(
@@ -505,6 +591,16 @@ def scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     if dlast is None:
         dlast = np.zeros((batch, dim, dstate), ct)
     segment, nsub, wb, wc = _blocking(dim, B_, C_)
+    shape = _checkpoint_shape(batch, dim, seqlen, dstate, segment, nsub)
+    if residuals is None:
+        ckpt = np.empty(shape, ct)
+    else:
+        ckpt = residuals.states
+        if ckpt.shape != shape or ckpt.dtype != ct:
+            raise ValueError(
+                f"residuals of shape {ckpt.shape} and dtype {ckpt.dtype} do not belong to this problem "
+                f"(expected {shape}, {np.dtype(ct)}): pass those of scan_fwd on the same arguments"
+            )
     du = np.empty((batch, dim, seqlen), ct)
     ddelta = np.empty((batch, dim, seqlen), ct)
     dA_b = np.empty((batch, dim, dstate), ct)
@@ -516,8 +612,8 @@ def scan_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softp
     _apply_threads()
     _SCAN_BWD[nk.METHOD_NUMBER[discretization]](
         dout_, dlast, u_, delta_, A_, B_, C_, _per_channel(D_, dim, ct), _dummy_like(ct) if z_ is None else z_,
-        _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc,
-        du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0,
+        _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc, LANES,
+        residuals is not None, ckpt, du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0,
     )
     dB = dB_part.sum(axis=0) if B_.ndim == 4 else dB_part[0].sum(axis=0)
     dC = dC_part.sum(axis=0) if C_.ndim == 4 else dC_part[0].sum(axis=0)
