@@ -223,6 +223,26 @@ def test_residuals_spare_the_recomputation(cupy_backend, rng, chunk):
 
 
 @gpu
+@pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
+def test_scan_with_vjp_agrees_with_the_oracle(cupy_backend, rng, chunk):
+    """The public path that hands the forward's checkpoints to the backward."""
+    cp = cupy_cuda._cupy()
+    cupy_cuda.configure(chunk=chunk)
+    case = make_case(rng, batch=2, dim=64, seqlen=150, dstate=16, form="grouped", groups=2).astype("float32")
+    out, last, vjp = portassm.scan_with_vjp(**case.kwargs(cp.asarray), return_last_state=True)
+    ref_out, ref_last = oracle_forward(case)
+    assert rel_err(cp.asnumpy(out), ref_out) <= TOLERANCE["float32"]
+    assert rel_err(cp.asnumpy(last), ref_last) <= TOLERANCE["float32"]
+    dout = rng.standard_normal(case.u.shape).astype(np.float32)
+    dlast = rng.standard_normal(case.initial_state.shape).astype(np.float32)
+    grads = vjp(cp.asarray(dout), cp.asarray(dlast))
+    refs = oracle_grads(case, dout, dlast)
+    for name, got, ref in zip(case.ARRAYS, grads, refs):
+        if ref is not None:
+            assert rel_err(cp.asnumpy(got), ref) <= TOLERANCE["float32"], name
+
+
+@gpu
 def test_dstate_limit_on_the_device(cupy_backend, rng):
     case = make_case(rng, dstate=cupy_cuda.MAX_DSTATE + 1)
     with pytest.raises(ValueError, match="numba or torch"):
