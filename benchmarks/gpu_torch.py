@@ -13,9 +13,12 @@ ddelta, dz (B, C, their gradients and the states' checkpoints not counted).
 Peak memory of forward + backward is compared with the inputs, outputs and gradients.
 
 Prints a markdown table (before the optional sweep); writes it to ``$OUT/torch_table.md`` when OUT is set.
-Options: ``--sizes N,N`` (indices into SIZES), ``--sweep`` (block and chunk variants at
-two sizes), ``--quick`` (fewer repetitions), ``--precompile`` (compile in parallel
-processes first; on the H100 run of the notes it did not shorten the first calls).
+Options: ``--sizes N,N`` (indices into SIZES), ``--sweep`` (the forward's layouts, prefetch,
+warps, register caps and chunking; the backward's blocking, register cap and chunking, at
+the first size and at batch 1), ``--quick`` (fewer repetitions), ``--precompile N`` (compile
+every configuration the run will time in N processes first: Triton's disk cache then serves
+the timed runs, so compiling stays out of the numbers and off the critical path),
+``--only-precompile``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ OFFICIAL_STEP_US = 51.0  # the official Triton selective_state_update, batch 1, 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+#: the backend's options as shipped (each sweep variant changes some of them)
+DEFAULTS = dict(torch_triton._options)
+
 
 def inputs(batch, dim, seqlen, dstate, dtype, requires_grad=False):
     """Random inputs in the ranges real models use, as ANCHORS.md's runs."""
@@ -85,11 +91,13 @@ def bench(fn, quick):
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
 
 
-def time_scan(size, dtype_name, quick):
+def time_scan(size, dtype_name, quick, with_backward=True):
     dtype = DTYPES[dtype_name]
     t = inputs(*size, dtype)
     with torch.no_grad():
         fwd = bench(lambda: portassm.scan(**t, delta_softplus=True), quick)
+    if not with_backward:
+        return fwd, float("nan"), 0, 0
     tg = inputs(*size, dtype, requires_grad=True)
     dout = torch.randn(size[0], size[1], size[2], device="cuda", dtype=dtype)
 
@@ -116,7 +124,7 @@ def time_scan(size, dtype_name, quick):
     return fwd, both, peak, io
 
 
-def time_step(quick):
+def time_step(quick, reps=True):
     """One decode step at batch 1, dim 1536, dstate 16: public API, backend call, CUDA graph of steps."""
     dim, dstate = 1536, 16
     dev = "cuda"
@@ -125,6 +133,10 @@ def time_step(quick):
     A = -(torch.rand(dim, dstate, device=dev) + 0.5)
     B, C = torch.randn(1, 1, dstate, device=dev), torch.randn(1, 1, dstate, device=dev)
     D, bias = torch.randn(dim, device=dev), torch.rand(dim, device=dev)
+    if not reps:  # compile only
+        portassm.scan_step(state, x, dt, A, B[:, 0], C[:, 0], D, z, bias, True)
+        torch_triton.scan_step(state, x, dt, A, B, C, D, z, bias, True, "mamba")
+        return None
     public = bench(lambda: portassm.scan_step(state, x, dt, A, B[:, 0], C[:, 0], D, z, bias, True), quick) * 1e3
     backend = bench(lambda: torch_triton.scan_step(state, x, dt, A, B, C, D, z, bias, True, "mamba"), quick) * 1e3
     # a CUDA graph of 64 steps, each feeding its state to the next
@@ -144,33 +156,78 @@ def time_step(quick):
     return public, backend, graphed
 
 
+#: the sweep: (name, options, size index, dtypes, with forward+backward)
+SWEEP = [
+    ("default", {}, 0, ("float32", "bfloat16"), True),
+    ("warps=1", {"warps": 1}, 0, ("float32", "bfloat16"), False),
+    ("warps=4", {"warps": 4}, 0, ("float32", "bfloat16"), False),
+    ("prefetch=0", {"prefetch": 0}, 0, ("float32", "bfloat16"), False),
+    ("prefetch=8", {"prefetch": 8}, 0, ("float32",), False),
+    ("min_warps=8/SM", {"min_warps": 8 * 132}, 0, ("float32", "bfloat16"), True),
+    ("min_warps=32/SM", {"min_warps": 32 * 132}, 0, ("float32", "bfloat16"), True),
+    ("min_warps=1 (no chunks)", {"min_warps": 1}, 0, ("float32",), True),
+    ("maxnreg=128", {"maxnreg": 128}, 0, ("float32",), False),
+    ("warps=4 maxnreg=96", {"warps": 4, "maxnreg": 96}, 0, ("float32",), False),
+    ("steps=16 (dstate/4 lanes), no chunks", {"steps": 16, "min_warps": 1}, 0, ("float32", "bfloat16"), False),
+    ("steps=16, min_warps=32/SM", {"steps": 16, "min_warps": 32 * 132}, 0, ("float32",), False),
+    ("steps=16 prefetch=0, no chunks", {"steps": 16, "prefetch": 0, "min_warps": 1}, 0, ("float32",), False),
+    ("bwd_maxnreg=168", {"bwd_maxnreg": 168}, 0, ("float32",), True),
+    ("bwd_maxnreg=128", {"bwd_maxnreg": 128}, 0, ("float32",), True),
+    ("bwd_block_d=16", {"bwd_block_d": 16}, 0, ("float32",), True),
+    ("default", {}, 2, ("float32",), True),
+    ("min_warps=32/SM", {"min_warps": 32 * 132}, 2, ("float32",), True),
+    ("steps=16", {"steps": 16}, 2, ("float32",), False),
+]
+
+
+def _configured(options):
+    """The backend options for one job (the defaults, then ``options``)."""
+    torch_triton.configure(**{**DEFAULTS, **options})
+
+
 def _compile_one(job):
-    """Run one (size, dtype) once so that its kernels land in Triton's on-disk cache."""
-    i, dtype_name = job
+    """Run one job once so that its kernels land in Triton's on-disk cache (a worker process)."""
+    kind, options, i, dtype_name, both = job
     portassm.set_backend("torch")
-    if i < 0:
-        time_step(quick=True)
+    _configured(options)
+    if kind == "step":
+        time_step(quick=True, reps=False)
         return job
     size = SIZES[i]
-    t = inputs(*size, DTYPES[dtype_name], requires_grad=True)
-    portassm.scan(**t, delta_softplus=True).sum().backward()
+    t = inputs(*size, DTYPES[dtype_name], requires_grad=both)
     with torch.no_grad():
         portassm.scan(**t, delta_softplus=True)
+    if both:
+        portassm.scan(**t, delta_softplus=True).sum().backward()
     torch.cuda.synchronize()
     return job
 
 
-def precompile(which, workers=8):
-    """Compile every kernel variant the run needs in parallel processes (they share the disk cache)."""
+def precompile(jobs, workers):
+    """Compile every kernel configuration of ``jobs`` in parallel processes (they share the disk cache)."""
     import concurrent.futures
     import multiprocessing
 
-    jobs = [(-1, "step")] + [(i, d) for i in which for d in DTYPES]
     ctx = multiprocessing.get_context("spawn")
     t0 = time.time()
+    failed = 0
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-        list(pool.map(_compile_one, jobs))
-    print(f"precompiled {len(jobs)} configurations in {time.time() - t0:.0f} s", flush=True)
+        futures = [pool.submit(_compile_one, job) for job in jobs]
+        for f in futures:
+            try:
+                f.result()
+            except Exception as e:  # the timed run reports it again
+                failed += 1
+                print(f"precompile failed: {e!r}"[:300], flush=True)
+    print(f"precompiled {len(jobs)} configurations in {time.time() - t0:.0f} s ({failed} failed)", flush=True)
+
+
+def jobs_of(which, sweep):
+    jobs = [("step", {}, -1, "float32", False)]
+    jobs += [("scan", {}, i, d, True) for i in which for d in DTYPES]
+    if sweep:
+        jobs += [("scan", opts, i, d, both) for _, opts, i, dts, both in SWEEP for d in dts]
+    return jobs
 
 
 def run_sizes(which, quick):
@@ -206,29 +263,33 @@ def run_sizes(which, quick):
 
 
 def sweep(quick):
-    """Variants: tiles loaded at once, channels per program of the backward, sequence chunking."""
+    """Each SWEEP variant: forward (and forward+backward where marked), chunks of forward and backward."""
     lines = []
-    variants = ({"tiles": 1}, {"tiles": 4}, {"bwd_block_d": 16})
-    defaults = {k: torch_triton._options[k] for k in ("tiles", "bwd_block_d")}
-    for variant in variants:
-        torch_triton.configure(**variant)
-        for dtype_name in ("float32", "bfloat16"):
-            fwd, both, peak, _ = time_scan(SIZES[0], dtype_name, quick)
-            lines.append(f"| {variant} | {SIZES[0]} {dtype_name} | {fwd:.3f} | {both:.3f} | {peak / 2**20:.0f} |")
+    for name, options, i, dtypes, both in SWEEP:
+        size = SIZES[i]
+        _configured(options)
+        lay = torch_triton._layout(size[0], size[1], size[2], size[1], torch.device("cuda"), size[3])
+        blay = torch_triton._bwd_layout(size[0], size[1], size[2], size[1], torch.device("cuda"), size[3])
+        for dtype_name in dtypes:
+            try:
+                fwd, both_ms, peak, _ = time_scan(size, dtype_name, quick, both)
+            except Exception as e:  # one failing variant must not stop the others
+                lines.append(f"| {name} | {size} {dtype_name} | failed: {e!r} |"[:400])
+                print(lines[-1], flush=True)
+                continue
+            off_f, off_b = OFFICIAL[(size, dtype_name)]
+            b_txt = f"{both_ms:.3f} ({both_ms / off_b:.2f}x)" if both else "-"
+            lines.append(
+                f"| {name} | {', '.join(map(str, size))} {dtype_name} | {lay['chunks']} / {blay['chunks']} "
+                f"| {fwd:.3f} ({fwd / off_f:.2f}x) | {b_txt} |"
+            )
             print(lines[-1], flush=True)
-        torch_triton.configure(**defaults)
-    for min_warps in (1, 4224):
-        torch_triton.configure(min_warps=min_warps)
-        size = SIZES[2]
-        chunks = torch_triton._layout(size[0], size[1], size[2], size[1], torch.device("cuda"))["chunks"]
-        fwd, both, peak, _ = time_scan(size, "float32", quick)
-        lines.append(
-            f"| min_warps={min_warps} (chunks {chunks}) | {size} float32 | {fwd:.3f} | {both:.3f} "
-            f"| {peak / 2**20:.0f} |"
-        )
-        print(lines[-1], flush=True)
-    torch_triton.configure(min_warps=None)
-    return ["| variant | size, dtype | forward ms | fwd+bwd ms | peak MiB |", "|---|---|---|---|---|", *lines]
+    _configured({})
+    return [
+        "| variant | size, dtype | chunks fwd / bwd | forward ms (vs official) | fwd+bwd ms (vs official) |",
+        "|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def table(rows, step):
@@ -269,11 +330,14 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-step", action="store_true")
-    parser.add_argument("--precompile", action="store_true", help="compile in parallel processes first")
+    parser.add_argument("--precompile", type=int, default=0, metavar="N", help="compile in N processes first")
+    parser.add_argument("--only-precompile", action="store_true")
     args = parser.parse_args()
     which = [int(i) for i in args.sizes.split(",") if i]
     if args.precompile:
-        precompile(which)
+        precompile(jobs_of(which, args.sweep), args.precompile)
+    if args.only_precompile:
+        return
     portassm.set_backend("torch")
     step = None if args.no_step else time_step(args.quick)
     if step:
@@ -286,6 +350,8 @@ def main():
     if args.sweep:
         text += "\n\n" + "\n".join(sweep(args.quick))
         write(text)
+        print()
+        print(text.split("\n\n")[-1], flush=True)
 
 
 def write(text):

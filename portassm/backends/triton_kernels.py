@@ -165,6 +165,11 @@ def _advance(h, dt_k, u_k, B_k, A, MODE: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _add_eight(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7
+
+
+@triton.jit
 def _column(tile, sel):
     """Column of a (BLOCK_D, STEPS) tile under a one-hot (1, STEPS) mask, as (BLOCK_D, 1)."""
     return tl.sum(tl.where(sel, tile, -0.0), axis=1, keep_dims=True)
@@ -621,16 +626,26 @@ def _scan_bwd_kernel(
                         if HAS_Z:
                             y = tl.where(sel, tl.sum(C_k * h, axis=1, keep_dims=True), y)
                         hdy = h * dy_k
-                        if C_VARY:
-                            dC_t = tl.where(sel_rows == k, tl.sum(hdy, axis=0, keep_dims=True), dC_t)
-                        else:
-                            dCm += hdy
                         g = g + C_k * dy_k
                         gbu = g * bu
-                        if B_VARY:
-                            dB_t = tl.where(sel_rows == k, tl.sum(gbu, axis=0, keep_dims=True), dB_t)
+                        if B_VARY and C_VARY:  # summed over the channels once per sub-tile, below
+                            if kk == 0:
+                                hd3, gb3 = hdy, gbu
+                            elif kk == 1:
+                                hd2, gb2 = hdy, gbu
+                            elif kk == 2:
+                                hd1, gb1 = hdy, gbu
+                            else:
+                                hd0, gb0 = hdy, gbu
                         else:
-                            dBm += gbu
+                            if C_VARY:
+                                dC_t = tl.where(sel_rows == k, tl.sum(hdy, axis=0, keep_dims=True), dC_t)
+                            else:
+                                dCm += hdy
+                            if B_VARY:
+                                dB_t = tl.where(sel_rows == k, tl.sum(gbu, axis=0, keep_dims=True), dB_t)
+                            else:
+                                dBm += gbu
                         du = tl.where(sel, tl.sum(g * bcoef * B_k, axis=1, keep_dims=True), du)
                         da = g * h_prev
                         dbc = g * B_k * u_k
@@ -648,6 +663,20 @@ def _scan_bwd_kernel(
                             dA += da * dt_k * inv2 + dbc * (dt_k * dt_k * 0.5) * inv2
                         ddt = tl.where(sel, ddt_k, ddt)
                         g = abar * g
+                if (not ADJOINT_ONLY) and B_VARY and C_VARY:
+                    # the sub-tile's dC, dB rows: one reduction over the channels (one barrier
+                    # pair across the warps) for its SUB steps and both matrices
+                    c0, c1, c2, c3, b0, b1, b2, b3 = tl.reduce(
+                        (hd0, hd1, hd2, hd3, gb0, gb1, gb2, gb3), 0, _add_eight, keep_dims=True
+                    )
+                    dC_t = tl.where(sel_rows == q0, c0, dC_t)
+                    dC_t = tl.where(sel_rows == q0 + 1, c1, dC_t)
+                    dC_t = tl.where(sel_rows == q0 + 2, c2, dC_t)
+                    dC_t = tl.where(sel_rows == q0 + 3, c3, dC_t)
+                    dB_t = tl.where(sel_rows == q0, b0, dB_t)
+                    dB_t = tl.where(sel_rows == q0 + 1, b1, dB_t)
+                    dB_t = tl.where(sel_rows == q0 + 2, b2, dB_t)
+                    dB_t = tl.where(sel_rows == q0 + 3, b3, dB_t)
             if not ADJOINT_ONLY:
                 rows_at = dpart + (t0 + sel_rows) * DSTATE + offs_n[None, :]
                 rows_mask = (t0 + sel_rows) < blk_end
