@@ -45,6 +45,7 @@ _options: dict[str, Any] = {
     "bwd_block_d": 32,  # channels per program of the backward (dstate/4 lanes each)
     "ck": 32,  # checkpoint interval of the backward, in steps
     "min_warps": None,  # below this many warps of channels, cut the sequence in chunks (default 16 per SM)
+    "bwd_min_warps": None,  # the same for the backward (default: min_warps)
     "maxnreg": None,  # register cap of the forward kernel (None: the compiler's choice)
     "bwd_maxnreg": None,  # register cap of the backward kernel
 }
@@ -56,8 +57,8 @@ def probe() -> str | None:
 
 def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
-    ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``, ``maxnreg``,
-    ``bwd_maxnreg``; unknown names are a TypeError."""
+    ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
+    ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
@@ -169,13 +170,15 @@ def _n_sm(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _chunking(programs: int, warps: int, seqlen: int, ck: int, device: torch.device) -> tuple[int, int]:
+def _chunking(
+    programs: int, warps: int, seqlen: int, ck: int, device: torch.device, min_warps: int | None
+) -> tuple[int, int]:
     """(chunks, chunk_len): cut the sequence when the programs give fewer than ``min_warps`` warps.
 
     Enough chunks for min_warps warps (at least 4 checkpoint intervals a chunk); a chunk
     starts on a checkpoint.
     """
-    min_warps = _options["min_warps"] or 16 * _n_sm(device)
+    min_warps = min_warps or 16 * _n_sm(device)
     chunks = 1
     if programs * warps < min_warps and seqlen > 8 * ck:
         chunks = min(_cdiv(min_warps, programs * warps), _cdiv(seqlen, 4 * ck))
@@ -207,7 +210,7 @@ def _layout(
     lanes = 1 if steps == 4 else min(32, max(1, dstate // 4))
     warps = max(1, min(8, block_d * lanes // 32))
     d_blocks = _cdiv(dim, block_d)
-    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device)
+    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device, _options["min_warps"])
     return {
         "block_d": block_d,
         "warps": warps,
@@ -224,7 +227,8 @@ def _bwd_layout(batch: int, dim: int, seqlen: int, dim_per_group: int, device: t
     block_d, warps = _blocking(_options["bwd_block_d"], dim_per_group, dstate)
     d_blocks = _cdiv(dim, block_d)
     ck = _options["ck"]
-    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device)
+    min_warps = _options["bwd_min_warps"] or _options["min_warps"]
+    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device, min_warps)
     return {
         "block_d": block_d,
         "warps": warps,
