@@ -223,7 +223,8 @@ def _make_scan_fwd(method: int):
                     for tt in range(tn):
                         uu = u[b, d, uint64(t0 + tt)]
                         x = delta[b, d, uint64(t0 + tt)] + bd
-                        dtv = nk.softplus(x) if softplus else x
+                        sp = nk.softplus(x)
+                        dtv = sp if softplus else x  # a select: the loop stays branch-free
                         dts[tid, j, tt] = dtv
                         dus[tid, j, tt] = dtv * uu
                         ys[tid, j, tt] = Dd * uu
@@ -416,30 +417,35 @@ def _make_scan_bwd(method: int):
                 t0 = c * CHUNK
                 tn = min(CHUNK, seqlen - t0)
                 # elementwise: Δ, softplus', Δu, D u, the gate's cotangents, dD
+                # (branch-free loop bodies: softplus is a select, the gate its own loop)
                 for j in range(LANES):
                     d = d0 + min(j, nl - 1)
                     bd = bias[d]
                     Dd = D[d]
                     live = one if j < nl else zero  # padded lanes: no cotangent
+                    if has_z:
+                        for tt in range(tn):
+                            zz = z[b, d, uint64(t0 + tt)]
+                            go = dout[b, d, uint64(t0 + tt)] * live
+                            sig = nk.sigmoid(zz)
+                            gzs[tid, j, tt] = go * sig * (one + zz * (one - sig))
+                            dys[tid, j, tt] = go * zz * sig
+                    else:
+                        for tt in range(tn):
+                            dys[tid, j, tt] = dout[b, d, uint64(t0 + tt)] * live
                     acc = zero
                     for tt in range(tn):
                         uu = u[b, d, uint64(t0 + tt)]
                         x = delta[b, d, uint64(t0 + tt)] + bd
-                        dtv = nk.softplus(x) if softplus else x
+                        sp = nk.softplus(x)
+                        sg = nk.softplus_grad(x)
+                        dtv = sp if softplus else x
                         dts[tid, j, tt] = dtv
-                        sps[tid, j, tt] = nk.softplus_grad(x) if softplus else one
+                        sps[tid, j, tt] = sg if softplus else one
                         dus[tid, j, tt] = dtv * uu
                         us[tid, j, tt] = uu
                         ys[tid, j, tt] = Dd * uu
-                        go = dout[b, d, uint64(t0 + tt)] * live
-                        if has_z:
-                            zz = z[b, d, uint64(t0 + tt)]
-                            sig = nk.sigmoid(zz)
-                            gzs[tid, j, tt] = go * sig * (one + zz * (one - sig))
-                            dy = go * zz * sig
-                        else:
-                            dy = go
-                        dys[tid, j, tt] = dy
+                        dy = dys[tid, j, tt]
                         acc += dy * uu
                         dua[tid, j, tt] = Dd * dy
                     dDl[tid, j] += acc
