@@ -59,8 +59,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULTS = dict(torch_triton._options)
 
 
-def inputs(batch, dim, seqlen, dstate, dtype, requires_grad=False):
-    """Random inputs in the ranges real models use, as ANCHORS.md's runs."""
+def inputs(batch, dim, seqlen, dstate, dtype, requires_grad=False, invariant=False):
+    """Random inputs in the ranges real models use, as ANCHORS.md's runs (``invariant``: B, C (dim, dstate))."""
     dev = "cuda"
     t = {
         "u": torch.randn(batch, dim, seqlen, device=dev, dtype=dtype),
@@ -72,6 +72,8 @@ def inputs(batch, dim, seqlen, dstate, dtype, requires_grad=False):
         "z": torch.randn(batch, dim, seqlen, device=dev, dtype=dtype),
         "delta_bias": torch.rand(dim, device=dev) - 0.5,
     }
+    if invariant:  # a diagnostic: no per-step B, C rows to load
+        t["B"], t["C"] = torch.randn(dim, dstate, device=dev), torch.randn(dim, dstate, device=dev)
     if requires_grad:
         for v in t.values():
             v.requires_grad_(True)
@@ -93,7 +95,7 @@ def bench(fn, quick):
 
 def time_scan(size, dtype_name, quick, with_backward=True):
     dtype = DTYPES[dtype_name]
-    t = inputs(*size, dtype)
+    t = inputs(*size, dtype, invariant=_INVARIANT[0])
     with torch.no_grad():
         fwd = bench(lambda: portassm.scan(**t, delta_softplus=True), quick)
     if not with_backward:
@@ -181,11 +183,19 @@ SWEEP = [
     ("steps=16", {"steps": 16}, 2, ("float32",), False),
     ("warps=1", {"warps": 1}, 3, ("float32",), False),
     ("steps=16", {"steps": 16}, 3, ("float32",), False),
+    ("diagnostic: B, C time-invariant", {"invariant": True}, 0, ("float32",), False),
+    ("diagnostic: B, C time-invariant, steps=16 no chunks", {"invariant": True, "steps": 16, "min_warps": 1}, 0,
+     ("float32",), False),
 ]
 
 
+_INVARIANT = [False]  # the sweep's diagnostic rows: time-invariant B, C
+
+
 def _configured(options):
-    """The backend options for one job (the defaults, then ``options``)."""
+    """The backend options for one job (the defaults, then ``options``; ``invariant``: B, C (dim, dstate))."""
+    options = dict(options)
+    _INVARIANT[0] = options.pop("invariant", False)
     torch_triton.configure(**{**DEFAULTS, **options})
 
 
@@ -198,7 +208,7 @@ def _compile_one(job):
         time_step(quick=True, reps=False)
         return job
     size = SIZES[i]
-    t = inputs(*size, DTYPES[dtype_name], requires_grad=both)
+    t = inputs(*size, DTYPES[dtype_name], requires_grad=both, invariant=_INVARIANT[0])
     with torch.no_grad():
         portassm.scan(**t, delta_softplus=True)
     if both:

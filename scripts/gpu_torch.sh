@@ -13,9 +13,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/portassm-gpu}
 mkdir -p "$OUT"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/portassm-triton-cache}
-T_TESTS=${T_TESTS:-150}
-T_PRE=${T_PRE:-170}
-T_BENCH=${T_BENCH:-90}
+T_TESTS=${T_TESTS:-140}
+T_PRE=${T_PRE:-150}
+T_BENCH=${T_BENCH:-95}
 SWEEP=${SWEEP:-1}
 sweep_flag=""
 [ "$SWEEP" = 1 ] && sweep_flag="--sweep"
@@ -42,4 +42,4 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
 echo
 grep -A 17 "slowest" "$OUT/tests.log" | head -n 18
 echo
-cat "$OUT/bench.log" | grep -v "^\[" | tail -n 60
+if grep -q "^GPU:" "$OUT/bench.log"; then sed -n '/^GPU:/,$p' "$OUT/bench.log"; else tail -n 40 "$OUT/bench.log"; fi
