@@ -169,18 +169,19 @@ def _check_kernels(case, dtype, rng):
     not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton's import (see test_interpreted_kernels)"
 )
 @pytest.mark.parametrize(
-    "form,method,options,dtype",
+    "form,method,options,dtype,ck",
     [
-        ("selective", "mamba", True, "float64"),
-        ("selective", "mamba", False, "float32"),
-        ("grouped", "zoh", True, "float64"),
-        ("invariant", "bilinear", True, "float64"),
-        ("grouped", "bilinear", False, "float64"),
-        ("invariant", "zoh", False, "float32"),
+        ("selective", "mamba", True, "float64", 16),
+        ("selective", "mamba", False, "float32", 8),
+        ("grouped", "zoh", True, "float64", 8),
+        ("invariant", "bilinear", True, "float64", 16),
+        ("grouped", "bilinear", False, "float64", 8),
+        ("invariant", "zoh", False, "float32", 8),
     ],
 )
-def test_kernels_forward_backward(torch_backend, rng, form, method, options, dtype):
-    torch_triton.configure(kernels="triton", ck=8, min_warps=1)  # whole sequences, 8-step checkpoints
+def test_kernels_forward_backward(torch_backend, rng, form, method, options, dtype, ck):
+    # whole sequences; ck=16: 16-step tiles, ck=8: 4-step tiles (a checkpoint starts a tile)
+    torch_triton.configure(kernels="triton", ck=ck, min_warps=1, bwd_min_warps=1)
     _check_kernels(_kernel_case(rng, form, method, options, dtype), dtype, rng)
 
 
@@ -188,7 +189,7 @@ def test_kernels_forward_backward(torch_backend, rng, form, method, options, dty
 @pytest.mark.parametrize("form,steps", [("grouped", 16), ("invariant", 4)])
 def test_kernels_odd_dstate(torch_backend, rng, form, steps):
     """dstate 3: the wrapper pads the states to a power of two (the kernels' tiles); both forward tile lengths."""
-    torch_triton.configure(kernels="triton", ck=16, min_warps=1, steps=steps)
+    torch_triton.configure(kernels="triton", ck=16, min_warps=1, bwd_min_warps=1, steps=steps)
     case = make_case(rng, batch=2, dim=8, seqlen=21, dstate=3, form=form, groups=2)
     _check_kernels(case, "float64", rng)
 
@@ -197,7 +198,7 @@ def test_kernels_odd_dstate(torch_backend, rng, form, steps):
 @pytest.mark.parametrize("form,method", [("selective", "mamba"), ("grouped", "zoh")])
 def test_kernels_sequence_chunks(torch_backend, rng, form, method):
     """The chunked path (scan chunks in parallel, combine, rescan; the adjoint likewise)."""
-    torch_triton.configure(kernels="triton", ck=4, min_warps=1000)
+    torch_triton.configure(kernels="triton", ck=4, min_warps=1000, bwd_min_warps=1000)
     case = _kernel_case(rng, form, method, True, "float64", seqlen=61)
     assert torch_triton._layout(2, 8, 61, 4, torch.device("cpu"))["chunks"] > 1
     _check_kernels(case, "float64", rng)
@@ -240,7 +241,7 @@ def test_kernels_step(torch_backend, rng, form, method):
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton's import")
 def test_kernels_autograd(torch_backend, rng):
     """scan_fwd applies the autograd Function on the Triton path: .backward() runs the Triton backward."""
-    torch_triton.configure(kernels="triton", ck=8, min_warps=1)
+    torch_triton.configure(kernels="triton", ck=8, min_warps=1, bwd_min_warps=1)
     case = _kernel_case(rng, "selective", "mamba", True, "float64", seqlen=20)
     args = _tensors(case, "cpu", requires_grad=True)
     out = portassm.scan(**args)
@@ -271,7 +272,7 @@ def test_gpu_agreement(torch_backend, rng, form, method, dtype):
     """
     case = make_case(rng, batch=2, dim=96, seqlen=300, dstate=16, form=form, groups=3, discretization=method)
     for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
-        torch_triton.configure(min_warps=min_warps)
+        torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps)
         _check_cuda(case.astype(dtype), dtype, rng)
 
 
@@ -280,14 +281,15 @@ def test_gpu_agreement(torch_backend, rng, form, method, dtype):
 def test_gpu_forward_variants(torch_backend, rng):
     """The forward's other layouts and switches against the oracle (forward and last state, float32).
 
-    16-step tiles (dstate/4 lanes a channel), no prefetch, one and four warps a program,
-    a register cap; each with and without options (run-time flags) and chunked.
+    No prefetch; 4-step tiles (one channel a thread) with one, two and four warps a
+    program, without prefetch, with a register cap; each with and without options
+    (run-time flags), whole and chunked.
     """
     variants = [
-        {"steps": 16},
-        {"steps": 16, "prefetch": 0},
-        {"prefetch": 0, "warps": 1},
-        {"warps": 4, "maxnreg": 128},
+        {"prefetch": 0},
+        {"steps": 4},
+        {"steps": 4, "prefetch": 0, "warps": 1},
+        {"steps": 4, "warps": 4, "maxnreg": 128},
     ]
     cases = [
         make_case(rng, batch=2, dim=128, seqlen=300, dstate=16, options=opts, softplus=opts).astype("float32")
@@ -376,7 +378,7 @@ def test_gpu_repeats_are_bit_identical(torch_backend, rng):
         return [out.detach(), last.detach()] + [args[n].grad for n in case.ARRAYS]
 
     for min_warps in (1, 10**6):
-        torch_triton.configure(min_warps=min_warps)
+        torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps)
         first = run()
         for _ in range(2):
             assert all(torch.equal(a, b) for a, b in zip(first, run()))

@@ -38,14 +38,15 @@ __all__ = [
 _options: dict[str, Any] = {
     "device": None,  # where asarray puts NumPy inputs: default cuda when available
     "kernels": "auto",  # "auto": Triton on CUDA tensors, torch on CPU; "triton"; "torch"
-    "steps": 4,  # forward tile length: 4 = one channel a thread (16 B a row); 16 = dstate/4 lanes a channel
-    "warps": 2,  # warps per forward program
-    "block_d": None,  # channels per forward program (default: 32 per warp with steps=4, 32 with steps=16)
+    "steps": 16,  # forward tile length: 16 = dstate/4 lanes a channel; 4 = one channel a thread (16 B a row)
+    "warps": 2,  # warps per forward program with steps=4
+    "block_d": None,  # channels per forward program (default: 32 with steps=16, 32 per warp with steps=4)
     "prefetch": 16,  # forward: B, C rows this many steps ahead into L1 (u, delta, z twice as far into L2); 0 = off
-    "bwd_block_d": 32,  # channels per program of the backward (dstate/4 lanes each)
+    "bwd_block_d": 16,  # channels per program of the backward (dstate/4 lanes each)
     "ck": 32,  # checkpoint interval of the backward, in steps
-    "min_warps": None,  # below this many warps of channels, cut the sequence in chunks (default 16 per SM)
-    "bwd_min_warps": None,  # the same for the backward (default: min_warps)
+    "min_warps": None,  # forward: below this many warps of channels, cut the sequence in chunks, enough for
+    # twice as many warps (default 8 per SM)
+    "bwd_min_warps": None,  # backward: below this many warps, chunks enough for as many (default 16 per SM)
     "maxnreg": None,  # register cap of the forward kernel (None: the compiler's choice)
     "bwd_maxnreg": None,  # register cap of the backward kernel
 }
@@ -171,17 +172,14 @@ def _n_sm(device: torch.device) -> int:
 
 
 def _chunking(
-    programs: int, warps: int, seqlen: int, ck: int, device: torch.device, min_warps: int | None
+    programs: int, warps: int, seqlen: int, ck: int, threshold: int, target: int
 ) -> tuple[int, int]:
-    """(chunks, chunk_len): cut the sequence when the programs give fewer than ``min_warps`` warps.
-
-    Enough chunks for min_warps warps (at least 4 checkpoint intervals a chunk); a chunk
-    starts on a checkpoint.
-    """
-    min_warps = min_warps or 16 * _n_sm(device)
+    """(chunks, chunk_len): with fewer than ``threshold`` warps of channels, cut the sequence
+    into enough chunks for ``target`` warps (at least 4 checkpoint intervals a chunk; a
+    chunk starts on a checkpoint)."""
     chunks = 1
-    if programs * warps < min_warps and seqlen > 8 * ck:
-        chunks = min(_cdiv(min_warps, programs * warps), _cdiv(seqlen, 4 * ck))
+    if programs * warps < threshold and seqlen > 8 * ck:
+        chunks = min(_cdiv(target, programs * warps), _cdiv(seqlen, 4 * ck))
     chunk_len = _cdiv(_cdiv(seqlen, chunks), ck) * ck
     return _cdiv(seqlen, chunk_len), chunk_len
 
@@ -210,7 +208,8 @@ def _layout(
     lanes = 1 if steps == 4 else min(32, max(1, dstate // 4))
     warps = max(1, min(8, block_d * lanes // 32))
     d_blocks = _cdiv(dim, block_d)
-    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device, _options["min_warps"])
+    threshold = _options["min_warps"] or 8 * _n_sm(device)
+    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, threshold, 2 * threshold)
     return {
         "block_d": block_d,
         "warps": warps,
@@ -227,8 +226,8 @@ def _bwd_layout(batch: int, dim: int, seqlen: int, dim_per_group: int, device: t
     block_d, warps = _blocking(_options["bwd_block_d"], dim_per_group, dstate)
     d_blocks = _cdiv(dim, block_d)
     ck = _options["ck"]
-    min_warps = _options["bwd_min_warps"] or _options["min_warps"]
-    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, device, min_warps)
+    threshold = _options["bwd_min_warps"] or 16 * _n_sm(device)
+    chunks, chunk_len = _chunking(batch * d_blocks, warps, seqlen, ck, threshold, threshold)
     return {
         "block_d": block_d,
         "warps": warps,
