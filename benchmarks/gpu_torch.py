@@ -180,7 +180,6 @@ SWEEP = [
 ]
 
 
-
 _INVARIANT = [False]  # the sweep's diagnostic rows: time-invariant B, C
 
 
@@ -222,7 +221,7 @@ def precompile(jobs, workers):
         for f in futures:
             try:
                 f.result()
-            except Exception as e:  # the timed run reports it again
+            except Exception as e:  # noqa: BLE001 - the timed run reports it again
                 failed += 1
                 print(f"precompile failed: {e!r}"[:300], flush=True)
     print(f"precompiled {len(jobs)} configurations in {time.time() - t0:.0f} s ({failed} failed)", flush=True)
@@ -278,8 +277,8 @@ def sweep(quick):
         blay = torch_triton._bwd_layout(size[0], size[1], size[2], size[1], torch.device("cuda"), size[3])
         for dtype_name in dtypes:
             try:
-                fwd, both_ms, peak, _ = time_scan(size, dtype_name, quick, both)
-            except Exception as e:  # one failing variant must not stop the others
+                fwd, both_ms, _, _ = time_scan(size, dtype_name, quick, both)
+            except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
                 lines.append(f"| {name} | {size} {dtype_name} | failed: {e!r} |"[:400])
                 print(lines[-1], flush=True)
                 continue

@@ -171,9 +171,7 @@ def _n_sm(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _chunking(
-    programs: int, warps: int, seqlen: int, ck: int, threshold: int, target: int
-) -> tuple[int, int]:
+def _chunking(programs: int, warps: int, seqlen: int, ck: int, threshold: int, target: int) -> tuple[int, int]:
     """(chunks, chunk_len): with fewer than ``threshold`` warps of channels, cut the sequence
     into enough chunks for ``target`` warps (at least 4 checkpoint intervals a chunk; a
     chunk starts on a checkpoint)."""
@@ -347,7 +345,17 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
         h_init = initial_state.to(ct).contiguous() if initial_state is not None else h_final
         has_init = initial_state is not None
     k._scan_fwd_kernel[grid](
-        *pointers, h_init, h_final, h_final, ckpt, *sizes, int(has_init), int(keep_ckpt), *options, STATE_ONLY=False, **common
+        *pointers,
+        h_init,
+        h_final,
+        h_final,
+        ckpt,
+        *sizes,
+        int(has_init),
+        int(keep_ckpt),
+        *options,
+        STATE_ONLY=False,
+        **common,
     )
     saved = {"ckpt": ckpt, "layout": lay, "Bt": Bt, "Ct": Ct, "groups": groups} if keep_ckpt else None
     return out, h_final[-1], saved

@@ -4,13 +4,15 @@ Memory traffic first. The forward reads u, delta, z (batch, dim, seqlen) and wri
 out once; B and C are (batch, groups, seqlen, dstate) here (the wrapper transposes them,
 a pass over 1/dim of the bytes) so that one time step of them is one contiguous row.
 Nothing of shape (batch, dim, seqlen, dstate) touches device memory: every program keeps
-the states of its BLOCK_D channels in registers, one channel per thread and all dstate
-states of a channel in that thread, and walks the sequence in tiles of STEPS time steps
-(16 bytes of each input per channel and tile: one vector load a thread).
+the states of its BLOCK_D channels in registers and walks the sequence in tiles of STEPS
+time steps, loaded as (BLOCK_D, STEPS) blocks one tile ahead. The compiler lays every
+tensor of the loop out alike: with STEPS = 4 a thread holds one channel's 16-byte tile row
+and all its dstate states; with STEPS = 16 a row spreads over 4 lanes (16 bytes each) and
+so do the channel's states (dstate/4 lanes, 4 states a lane for dstate 16).
 
 Inside a tile each step picks its column out of the tile registers (a sum over a one-hot
-mask along the in-thread STEPS axis, which the compiler folds to a register read), updates
-the dstate states and reduces ``sum_n C h`` inside the thread.
+mask along STEPS: a register read when STEPS is in-thread, two shuffles otherwise),
+updates the dstate states and reduces ``sum_n C h``.
 
 Sequences may be cut into chunks scanned in parallel (grid axis 2), so that batch-1
 long sequences fill the GPU. A chunk's effect on the state is affine,
@@ -206,7 +208,20 @@ def _bc_step(M_ptr, base, t, offs_n, M_fixed, VARY: tl.constexpr, CDT: tl.conste
         return M_fixed
 
 
-@triton.jit(do_not_specialize=["dim", "n_ckpt", "dim_per_group", "groups", "has_init", "write_ckpt", "softplus", "has_d", "has_z", "has_bias"])
+@triton.jit(
+    do_not_specialize=[
+        "dim",
+        "n_ckpt",
+        "dim_per_group",
+        "groups",
+        "has_init",
+        "write_ckpt",
+        "softplus",
+        "has_d",
+        "has_z",
+        "has_bias",
+    ]
+)
 def _scan_fwd_kernel(
     u_ptr,
     delta_ptr,
