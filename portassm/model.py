@@ -954,12 +954,12 @@ class _CupyGraphStep(_GraphStep):
     def __init__(self, model: MambaLM, batch: int) -> None:
         import cupy as cp
 
-        self.stream = cp.cuda.Stream(non_blocking=True)  # capture needs a stream of its own
         # A private memory pool: the temporaries the step frees during the capture return to
         # it and are never handed to other arrays, which the replays would overwrite.
         self.pool = cp.cuda.MemoryPool()
-        self._ready, self._done = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
         with model._on_backend() as xp, model.embedding.device, cp.cuda.using_allocator(self.pool.malloc):
+            self.stream = cp.cuda.Stream(non_blocking=True)  # capture needs a stream of its own
+            self._ready, self._done = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
             caller = cp.cuda.get_current_stream()
             with self.stream:
                 self.stream.wait_event(caller.record())  # the weights are written
