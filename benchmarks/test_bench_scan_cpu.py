@@ -75,8 +75,8 @@ def test_forward_backward_numba(benchmark, numba_backend, seqlen):
     dout = np.random.default_rng(1).standard_normal(p["u"].shape).astype(np.float32)
 
     def forward_backward():
-        portassm.scan(**p)
-        return portassm.scan_vjp(dout, **p)
+        _, vjp = portassm.scan_with_vjp(**p)
+        return vjp(dout)
 
     forward_backward()
     _info(benchmark, seqlen)

@@ -52,7 +52,7 @@ TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-
 BLOCK_TOLERANCE = {"float64": 1e-11, "float32": 1e-5, "float16": 3e-2, "bfloat16": 3e-2}
 DTYPES = tuple(TOLERANCE)
 
-#: what can be timed: the forward scan, forward + backward (scan then scan_vjp), one
+#: what can be timed: the forward scan, forward + backward (scan_with_vjp, then its vjp), one
 #: decoding step of the scan, and the whole Mamba block forward
 OPS = ("scan", "scan_vjp", "step", "block")
 DEFAULT_OPS = ("scan", "block")
@@ -344,8 +344,8 @@ def make_job(
             args = {k: v for k, v in a.items() if k != "dout"}
 
             def forward_backward():
-                fwd = ops.scan(**args, delta_softplus=True, return_last_state=True)
-                return fwd, ops.scan_vjp(a["dout"], **args, delta_softplus=True)
+                out, last, vjp = ops.scan_with_vjp(**args, delta_softplus=True, return_last_state=True)
+                return (out, last), vjp(a["dout"])
 
             return forward_backward
 
@@ -884,7 +884,7 @@ def tables(runner: Runner, settings: Settings, markdown: bool = False) -> list[t
             for m in runner.memory
         ]
         title = (f"peak memory above the inputs at {runner.memory[0].size}, {settings.dtype}: scan, "
-                 "and scan + scan_vjp (outputs and gradients included)")
+                 "and scan_with_vjp + its vjp (outputs and gradients included)")
         out.append((title, header, rows))
     if runner.skipped:
         out.append(("unavailable backends", ["backend", "reason"], [[k, v] for k, v in runner.skipped.items()]))
@@ -895,7 +895,7 @@ def make_label(op: str, size: Size | str, settings: Settings) -> str:
     if op == "block":
         s = Size.parse(str(size))
         return f"block d_model {settings.d_model or max(1, s.dim // 2)}, seqlen {settings.block_seqlen or s.seqlen}"
-    return {"scan": "scan forward", "scan_vjp": "scan then scan_vjp", "step": "scan_step"}[op]
+    return {"scan": "scan forward", "scan_vjp": "scan_with_vjp then vjp", "step": "scan_step"}[op]
 
 
 def _exponent(results: list[Result], axis: str) -> str:
@@ -989,7 +989,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="input dtype; a backend without it is listed as skipped (default float32)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(DEFAULT_OPS),
-                        help="operations: scan (forward), scan_vjp (forward then backward), step (one decoding "
+                        help="operations: scan (forward), scan_vjp (forward then backward: scan_with_vjp), step (one decoding "
                         "token), block (the Mamba block); default: scan block")
     parser.add_argument("--scaling", action="store_true",
                         help=f"scan forward against seqlen {SEQLEN_SWEEP[0]}…{SEQLEN_SWEEP[-1]} and against batch "

@@ -1,7 +1,9 @@
 """Print the numba backend's CPU figures as a table: G state updates/s and the ratio to the PyTorch loop.
 
 Batch 1, dim 1536, dstate 16, float32 (delta_softplus, z, D, delta_bias), seqlen 1024
-and 4096: forward, forward+backward, and one decoding step at batch 1. The PyTorch loop
+and 4096: forward, forward+backward (``scan_with_vjp`` then its ``vjp``: the backward
+starts from the forward's checkpoints), and one decoding step at batch 1 (the kernel
+alone, the backend's wrapper, and ``portassm.scan_step`` with its checks). The PyTorch loop
 is ``benchmarks/baselines.py``'s HF-style sequential scan, timed in the same run.
 Times are the median of ``--repeat`` calls after one warm-up call (compilation or the
 disk cache is never timed, except by ``--first-call``)::
@@ -74,19 +76,19 @@ from portassm.bench import Size, make_problem
 p = {k: v.astype(np.float32) for k, v in make_problem(Size(1, 1536, 1024, 16)).items()}
 portassm.set_backend("numba")
 t = time.perf_counter(); portassm.scan(**p, delta_softplus=True); fwd = time.perf_counter() - t
-t = time.perf_counter(); portassm.scan_vjp(p["u"], **p, delta_softplus=True); bwd = time.perf_counter() - t
+t = time.perf_counter(); portassm.scan_with_vjp(**p, delta_softplus=True)[1](p["u"]); bwd = time.perf_counter() - t
 print(f"{fwd:.2f} {bwd:.2f}")
 """
 
 
 def first_call() -> None:
-    """scan and scan_vjp's first calls in fresh processes: empty cache, then the cache the first run wrote."""
+    """First calls in fresh processes, empty cache then the cache the first run wrote: scan, then scan_with_vjp + vjp."""
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
         for label in ("cold cache", "warm cache"):
             out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, check=True)
             fwd, bwd = out.stdout.split()
-            print(f"first call in a fresh process, {label}: scan {fwd} s, scan_vjp {bwd} s (float32, mamba, selective)")
+            print(f"first call in a fresh process, {label}: scan {fwd} s, scan_with_vjp + vjp {bwd} s (float32, mamba, selective)")
 
 
 def main() -> None:
@@ -101,7 +103,7 @@ def main() -> None:
 
     options = {} if args.threads is None else {"threads": args.threads}
     backend = portassm.set_backend("numba", **options)
-    print(backend.describe())
+    print(backend.describe(), f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"\nbatch 1, dim {DIM}, dstate {DSTATE}, float32; G = 1e9 state updates (batch*dim*seqlen*dstate) per second")
     head = f"{'seqlen':>6} | {'numba fwd ms':>12} {'G/s':>6} | {'torch loop ms':>13} {'G/s':>6} | {'ratio':>6} | " \
            f"{'numba f+b ms':>12} {'f+b / f':>7} | {'torch f+b ms':>12} {'ratio':>6}"
@@ -112,8 +114,7 @@ def main() -> None:
         updates = DIM * seqlen * DSTATE
         dout = np.random.default_rng(1).standard_normal(p["u"].shape).astype(np.float32)
         fwd = median_time(lambda p=p: portassm.scan(**p), args.repeat)
-        both = median_time(lambda p=p, dout=dout: (portassm.scan(**p), portassm.scan_vjp(dout, **p)),
-                           max(3, args.repeat // 2))
+        both = median_time(lambda p=p, dout=dout: portassm.scan_with_vjp(**p)[1](dout), max(3, args.repeat // 2))
         t_fwd, t_both = torch_loop(seqlen, max(1, args.repeat // 3), args.torch_backward) if not args.no_torch else (None, None)
         tf = f"{t_fwd * 1e3:13.1f} {updates / t_fwd / 1e9:6.3f}" if t_fwd else f"{'n/a':>13} {'':>6}"
         ratio = f"{t_fwd / fwd:6.1f}" if t_fwd else f"{'n/a':>6}"
@@ -123,10 +124,16 @@ def main() -> None:
 
     s = {k: v.astype(np.float32) for k, v in make_step_problem(Size(1, DIM, 1, DSTATE)).items()}
     step_ops = median_time(lambda: portassm.scan_step(**s, dt_softplus=True), 2000)
-    kernel_args = (s["state"], s["x"], s["dt"], s["A"], s["B"][:, None], s["C"][:, None], s["D"], s["z"], s["dt_bias"], True, "mamba")
-    step_kernel = median_time(lambda: backend.scan_step(*kernel_args), 2000)
-    print(f"\nscan_step, batch 1, dim {DIM}: {step_ops * 1e6:.1f} us through portassm.scan_step, "
-          f"{step_kernel * 1e6:.1f} us calling the backend directly (checks and dispatch: {(step_ops - step_kernel) * 1e6:.1f} us)")
+    backend_args = (s["state"], s["x"], s["dt"], s["A"], s["B"][:, None], s["C"][:, None], s["D"], s["z"], s["dt_bias"], True, "mamba")
+    step_backend = median_time(lambda: backend.scan_step(*backend_args), 2000)
+    from portassm.backends import numba_cpu
+
+    y, new_state = np.empty((1, DIM), np.float32), np.empty((1, DIM, DSTATE), np.float32)
+    kernel_args = (*backend_args[:9], True, True, DIM, DIM, y, new_state)
+    step_kernel = median_time(lambda: numba_cpu._SCAN_STEP[0](*kernel_args), 2000)
+    print(f"\nscan_step, batch 1, dim {DIM} (median): {step_ops * 1e6:.1f} us through portassm.scan_step, "
+          f"{step_backend * 1e6:.1f} us calling the backend directly, {step_kernel * 1e6:.1f} us the kernel alone "
+          f"(checks: {(step_ops - step_backend) * 1e6:.1f} us, the backend's wrapper: {(step_backend - step_kernel) * 1e6:.1f} us)")
     if args.first_call:
         first_call()
 

@@ -58,6 +58,41 @@ def test_vjp(backend, rng, dtype, form, method):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_scan_with_vjp_equals_scan_then_scan_vjp(backend, rng, dtype, form):
+    # 150 steps: several of the numba backend's chunks of 64, whose checkpoints it keeps
+    case = make_case(rng, seqlen=150, form=form).astype(dtype)
+    dout = rng.standard_normal(case.u.shape).astype(dtype)
+    dlast = rng.standard_normal(case.initial_state.shape).astype(dtype)
+    kwargs = case.kwargs(backend.asarray)
+    out, last, vjp = portassm.scan_with_vjp(**kwargs, return_last_state=True)
+    ref_out, ref_last = run_scan(backend, case, return_last_state=True)
+    np.testing.assert_array_equal(backend.to_numpy(out), ref_out)
+    np.testing.assert_array_equal(backend.to_numpy(last), ref_last)
+    for cotangent in (dlast, None):  # vjp can be called again, with other cotangents
+        with_last = {} if cotangent is None else {"dlast_state": backend.asarray(cotangent)}
+        grads = vjp(backend.asarray(dout), **with_last)
+        refs = portassm.scan_vjp(backend.asarray(dout), **kwargs, **with_last)
+        oracle = oracle_grads(case, dout, cotangent)
+        for name, got, ref, exact in zip(case.ARRAYS, grads, refs, oracle):
+            got = backend.to_numpy(got)
+            assert got.dtype == getattr(case, name).dtype, name
+            assert rel_err(got, backend.to_numpy(ref)) <= TOLERANCE[dtype], name
+            assert rel_err(got, exact) <= TOLERANCE[dtype], f"d{name}: {rel_err(got, exact):.2e}"
+    out_only, vjp_only = portassm.scan_with_vjp(**kwargs)
+    np.testing.assert_array_equal(backend.to_numpy(out_only), ref_out)
+
+
+def test_scan_with_vjp_of_an_empty_sequence(backend, rng):
+    case = make_case(rng, seqlen=0)
+    out, last, vjp = portassm.scan_with_vjp(**case.kwargs(backend.asarray), return_last_state=True)
+    assert backend.to_numpy(out).shape == case.u.shape
+    np.testing.assert_array_equal(backend.to_numpy(last), case.initial_state)
+    grads = vjp(backend.asarray(np.zeros(case.u.shape)))
+    assert backend.to_numpy(grads.dA).shape == case.A.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("method", METHODS)
 def test_step_matches_scan(backend, rng, dtype, groups, method):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace as replace_case
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,65 @@ def test_forward_and_gradients_at_block_and_chunk_edges(use_numba, dim, form, gr
     assert rel_err(last, ref_last) <= TOLERANCE["float64"]
     dout, dlast = rng.standard_normal(case.u.shape), rng.standard_normal(case.initial_state.shape)
     grads = portassm.scan_vjp(dout, **case.kwargs(), dlast_state=dlast)
-    for name, got, ref in zip(case.ARRAYS, grads, oracle_grads(case, dout, dlast)):
+    _, vjp = portassm.scan_with_vjp(**case.kwargs())  # the backward from the forward's checkpoints
+    saved = vjp(dout, dlast)
+    for name, got, from_saved, ref in zip(case.ARRAYS, grads, saved, oracle_grads(case, dout, dlast)):
+        assert rel_err(got, ref) <= TOLERANCE["float64"], name
+        assert rel_err(from_saved, ref) <= TOLERANCE["float64"], name
+
+
+@pytest.mark.parametrize("seqlen", [1, 64, 1000])
+def test_checkpoints_are_the_states_at_chunk_starts(seqlen):
+    rng = np.random.default_rng(seqlen)
+    case = make_case(rng, batch=2, dim=37, seqlen=seqlen, dstate=5)
+    kw = case.kwargs()
+    args = (case.u, case.delta, case.A, case.B[:, None], case.C[:, None], case.D, case.z, case.delta_bias,
+            True, case.initial_state, "mamba")
+    out, last, residuals = numba_cpu.scan_fwd(*args, save_checkpoints=True)
+    np.testing.assert_array_equal(out, numba_cpu.scan_fwd(*args)[0])
+    chunks = -(-seqlen // numba_cpu.CHUNK)
+    blocks = -(-37 // numba_cpu.LANES)  # 16 + 16 + 5 channels
+    # memory O(batch * dim * dstate * seqlen / CHUNK): the padded lanes of the last block aside
+    assert residuals.states.shape == (2 * blocks, chunks, 5, numba_cpu.LANES)
+    assert residuals.nbytes == 2 * blocks * numba_cpu.LANES * 5 * chunks * 8
+    for c in range(chunks):
+        t = c * numba_cpu.CHUNK
+        if t == 0:
+            state = case.initial_state
+        else:
+            head = {k: (v[..., :t] if k in ("u", "delta", "z", "B", "C") else v) for k, v in kw.items()}
+            _, state = oracle_forward(replace_case(case, **head))
+        for job in range(2 * blocks):
+            b, first = divmod(job, blocks)
+            d = np.arange(first * 16, min(first * 16 + 16, 37))
+            got = residuals.states[job, c, :, : len(d)].T
+            assert rel_err(got, state[b, d]) <= TOLERANCE["float64"], (c, job)
+
+
+def test_residuals_of_another_problem_are_refused():
+    rng = np.random.default_rng(0)
+    case = make_case(rng, batch=1, dim=20, seqlen=70, dstate=3)
+    args = (case.u, case.delta, case.A, case.B[:, None], case.C[:, None], None, None, None, False, None, "mamba")
+    _, _, residuals = numba_cpu.scan_fwd(*args, save_checkpoints=True)
+    shorter = (case.u[..., :60], case.delta[..., :60], case.A, case.B[:, None, :, :60], case.C[:, None, :, :60],
+               None, None, None, False, None, "mamba")
+    with pytest.raises(ValueError, match="residuals"):
+        numba_cpu.scan_bwd(np.ones((1, 20, 60)), None, *shorter, residuals=residuals)
+
+
+def test_scan_with_vjp_falls_back_on_backends_without_residuals(monkeypatch, use_numba):
+    # ops asks the backend module: without SUPPORTS_RESIDUALS it recomputes, as scan_vjp
+    monkeypatch.setattr(numba_cpu, "SUPPORTS_RESIDUALS", False)
+    calls = []
+    bwd = numba_cpu.scan_bwd
+    monkeypatch.setattr(numba_cpu, "scan_bwd", lambda *a, **k: calls.append(k) or bwd(*a, **k))
+    rng = np.random.default_rng(1)
+    case = make_case(rng, batch=1, dim=5, seqlen=9, dstate=2)
+    _, vjp = portassm.scan_with_vjp(**case.kwargs())
+    dout = rng.standard_normal(case.u.shape)
+    grads = vjp(dout)
+    assert calls == [{}]
+    for name, got, ref in zip(case.ARRAYS, grads, oracle_grads(case, dout, None)):
         assert rel_err(got, ref) <= TOLERANCE["float64"], name
 
 

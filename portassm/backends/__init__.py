@@ -55,6 +55,19 @@ and the kernels, which receive arguments already validated and normalised by
 Optional helpers: ``describe() -> str`` (device and threads, for ``python -m portassm
 info``) and ``synchronize()`` (wait for queued device work, for timing).
 
+Optional: keeping the forward's states for the backward (``portassm.scan_with_vjp``).
+A module that sets ``SUPPORTS_RESIDUALS = True`` accepts
+
+``scan_fwd(..., save_checkpoints=True) -> (out, last_state, residuals)``
+    ``residuals`` is an opaque object of the backend: the states at chunk boundaries,
+    O(batch·dim·dstate·seqlen/chunk) memory.
+``scan_bwd(..., residuals=residuals)``
+    the gradients from those states, on the same arguments as that ``scan_fwd``;
+    ``residuals=None`` recomputes them, as without the keyword.
+
+Without ``SUPPORTS_RESIDUALS``, ``scan_with_vjp`` calls ``scan_fwd`` and ``scan_bwd``
+as ``scan`` and ``scan_vjp`` do (the backward recomputes).
+
 Optional kernels (``ops`` falls back to its array-API code when absent):
 ``causal_conv1d(x, weight, bias, activation, initial_state)`` and
 ``causal_conv1d_step(x, conv_state, weight, bias, activation)``.

@@ -181,9 +181,11 @@ def _make_scan_fwd(method: int):
     # Scratch arrays are allocated once, one slice per thread (``[tid]``), outside the
     # prange and indexed without views: numba's alias analysis then finds nothing
     # aliased and marks the arrays of the loop body ``noalias``, so LLVM vectorises the
-    # lane loops without runtime overlap checks. The lane loops run to ``lanes`` (=
-    # LANES, a run-time value): a constant trip count of 16 is fully unrolled before the
-    # loop vectoriser sees it, and the unrolled code stayed scalar.
+    # lane loops without runtime overlap checks. Lane loops whose body holds an
+    # exponential run to the constant LANES (two 8-lane vectors, no remainder); loops
+    # with a short body run to ``lanes`` (= LANES, a run-time value): LLVM fully unrolls
+    # a short body of constant trip count 16 before its loop vectoriser sees it, and the
+    # unrolled code stayed scalar (the backward's adjoint: 3.5x slower).
     @njit(parallel=True, fastmath=nk.FASTMATH, **nk.JIT)
     def scan_fwd_kernel(
         u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc, lanes, out, last, save, ckpt,
@@ -237,7 +239,7 @@ def _make_scan_fwd(method: int):
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
-                        for j in range(lanes):
+                        for j in range(LANES):
                             abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
                             bv = bn if B.ndim == 4 else bl[tid, n, j]
                             cv = cn if C.ndim == 4 else cl[tid, n, j]
@@ -407,7 +409,7 @@ def _make_scan_bwd(method: int):
                             dul[tid, j] = dus[tid, j, tt]
                         for n in range(dstate):
                             bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-                            for j in range(lanes):
+                            for j in range(LANES):
                                 abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
                                 bv = bn if B.ndim == 4 else bl[tid, n, j]
                                 h[tid, n, j] = abar * h[tid, n, j] + dul[tid, j] * f * bv
@@ -437,8 +439,7 @@ def _make_scan_bwd(method: int):
                     for tt in range(tn):
                         uu = u[b, d, uint64(t0 + tt)]
                         x = delta[b, d, uint64(t0 + tt)] + bd
-                        sp = nk.softplus(x)
-                        sg = nk.softplus_grad(x)
+                        sp, sg = nk.softplus_and_grad(x)
                         dtv = sp if softplus else x
                         dts[tid, j, tt] = dtv
                         sps[tid, j, tt] = sg if softplus else one
@@ -464,7 +465,7 @@ def _make_scan_bwd(method: int):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
                         sum_c = zero
-                        for j in range(lanes):
+                        for j in range(LANES):
                             abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
                             bv = bn if B.ndim == 4 else bl[tid, n, j]
                             cv = cn if C.ndim == 4 else cl[tid, n, j]

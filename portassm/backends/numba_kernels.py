@@ -174,6 +174,31 @@ def _softplus_grad(x):
     return lambda x: 1.0 if x > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-x))
 
 
+def softplus_and_grad(x):
+    """``(softplus(x), softplus'(x))``; float32 shares one exponential between the two."""
+
+
+@overload(softplus_and_grad, jit_options=dict(fastmath=FASTMATH, **JIT))
+def _softplus_and_grad(x):
+    if x == types.float32:
+
+        def impl(x):
+            # e = exp(-|x|) in [0, 1]: softplus = max(x, 0) + log1p(e), sigmoid(x) = (1 or e) / (1 + e)
+            ax = -x if x < _ZERO32 else x
+            e = exp2_f32(-ax * _LOG2E32)
+            positive = x if x > _ZERO32 else _ZERO32  # noqa: FURB136 (a select keeps NaN)
+            r = _ONE32 / (_ONE32 + e)
+            sig = r if x >= _ZERO32 else e * r
+            big = x > _F32(_SOFTPLUS_THRESHOLD)
+            return (x if big else positive + _log1p_unit_f32(e)), (_ONE32 if big else sig)
+
+        return impl
+    return lambda x: (
+        x if x > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x)),
+        1.0 if x > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-x)),
+    )
+
+
 # phi1(x) = expm1(x)/x (zero-order hold's Bcoef/dt) and its derivative. float32 uses
 # the Taylor series below 1/2 (truncation < 1e-8), where (exp(x) - 1)/x would lose
 # digits; float64 follows portassm.discretization exactly (the oracle's formulas).
