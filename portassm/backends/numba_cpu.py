@@ -636,6 +636,10 @@ def scan_bwd(
 
 #: channels per prange job of the decoding step
 STEP_BLOCK = 64
+#: a decoding step with fewer state updates (batch * dim * dstate) than this runs on
+#: one thread: at batch 1, dim 1536 it takes tens of microseconds, and waking a second
+#: thread that another process holds cost 10 ms a step on the loaded development VM
+STEP_PARALLEL_MIN = 1 << 20
 
 
 def _make_scan_step(method: int):
@@ -644,7 +648,9 @@ def _make_scan_step(method: int):
     # first, vectorised across channels; then each channel runs over its states in
     # groups of 16 with a constant trip count (LLVM vectorises it as two 8-lane
     # vectors; a run-time count of 16 fell to the scalar remainder of an 8 x 4 loop).
-    # A parallel launch costs ~1 us; the jobs are blocks of STEP_BLOCK channels.
+    # The kernel is a prange over blocks of STEP_BLOCK channels (what makes numba mark
+    # its arrays noalias, see _make_scan_fwd); the wrapper runs it on one thread below
+    # STEP_PARALLEL_MIN (numba's thread functions inside a kernel would stop its caching).
     @njit(parallel=True, fastmath=nk.FASTMATH_REDUCE, **nk.JIT)
     def scan_step_kernel(state, x, dt, A, B, C, D, z, bias, softplus, has_z, wb, wc, y, new_state):
         batch, dim = x.shape
@@ -671,12 +677,16 @@ def _make_scan_step(method: int):
         for job in prange(batch * nblk):
             b = job // nblk
             d0 = job % nblk * STEP_BLOCK
+            gb = d0 // wb  # groups of B and C, advanced at their boundaries (no division a channel)
+            gc = d0 // wc
             for d in range(d0, min(d0 + STEP_BLOCK, dim)):
+                if d == (gb + 1) * wb:
+                    gb += 1
+                if d == (gc + 1) * wc:
+                    gc += 1
                 dtv = work[0, b, d]
                 du = work[1, b, d]
                 acc = work[2, b, d]
-                gb = d // wb
-                gc = d // wc
                 n0 = 0
                 while n0 + 16 <= dstate:
                     for k in range(16):
@@ -720,10 +730,18 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
     wb = dim if B_.ndim == 2 else dim // B_.shape[1]
     wc = dim if C_.ndim == 2 else dim // C_.shape[1]
     _apply_threads()
-    _SCAN_STEP[nk.METHOD_NUMBER[discretization]](
-        state_, x_, dt_, A_, B_, C_, _per_channel(D_, dim, ct), z_ if z_ is not None else x_,
-        _per_channel(bias_, dim, ct), bool(dt_softplus), z_ is not None, wb, wc, y, new_state,
-    )
+    threads = numba.get_num_threads()
+    one = threads != 1 and batch * dim * state_.shape[2] < STEP_PARALLEL_MIN
+    if one:
+        numba.set_num_threads(1)
+    try:
+        _SCAN_STEP[nk.METHOD_NUMBER[discretization]](
+            state_, x_, dt_, A_, B_, C_, _per_channel(D_, dim, ct), z_ if z_ is not None else x_,
+            _per_channel(bias_, dim, ct), bool(dt_softplus), z_ is not None, wb, wc, y, new_state,
+        )
+    finally:
+        if one:
+            numba.set_num_threads(threads)
     return y.astype(x.dtype, copy=False), new_state.astype(state.dtype, copy=False)
 
 
