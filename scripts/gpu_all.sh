@@ -33,16 +33,17 @@ step() {  # step NAME COMMAND...: run under the time limit, log to $OUT/NAME.log
   echo "$name $rc $((SECONDS - start))" >>"$OUT/steps.txt"
   return $rc
 }
-pytest_gpu() { python3 -m pytest -q -p no:cacheprovider -p no:benchmark -m "gpu or not gpu" "$@"; }
+# the GPU suites: -v so that a suite stopped by its time limit still shows what passed
+PYTEST=(python3 -m pytest -v -rfE -p no:cacheprovider -p no:benchmark -m "gpu or not gpu")
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, cupy; print('torch', torch.__version__, 'triton', triton.__version__, 'cupy', cupy.__version__)"
 
 # phase 1: correctness, side by side
 pids=()
-want tests_torch && { step tests_torch pytest_gpu -n 8 -k "torch and not interpreted" tests/ & pids+=($!); }
-want tests_cupy && { step tests_cupy pytest_gpu -n 4 -k cupy tests/test_cupy.py tests/test_agreement.py tests/test_errors.py & pids+=($!); }
-want tests_model && { step tests_model pytest_gpu -n 3 -k "(torch or cupy) and not interpreted" tests/test_model.py & pids+=($!); }
+want tests_torch && { step tests_torch "${PYTEST[@]}" -n 8 -k "torch and not interpreted" tests/ & pids+=($!); }
+want tests_cupy && { step tests_cupy "${PYTEST[@]}" -n 4 -k cupy tests/test_cupy.py tests/test_agreement.py tests/test_errors.py & pids+=($!); }
+want tests_model && { step tests_model "${PYTEST[@]}" -n 3 -k "(torch or cupy) and not interpreted" tests/test_model.py & pids+=($!); }
 want sanitize_torch && { step sanitize_torch bash scripts/sanitize_torch.sh & pids+=($!); }
 want sanitize_cupy && { step sanitize_cupy bash scripts/sanitize_cupy.sh & pids+=($!); }
 for pid in "${pids[@]}"; do wait "$pid"; done
@@ -57,7 +58,10 @@ want bench_torch && step bench_torch python3 benchmarks/gpu_torch.py --quick
 echo
 echo "## failures"
 for name in tests_torch tests_cupy tests_model; do
-  [ -f "$OUT/$name.log" ] && { echo "$name: $(tail -n 1 "$OUT/$name.log")"; grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head -n 15; }
+  [ -f "$OUT/$name.log" ] && {
+    echo "$name: $(grep -c PASSED "$OUT/$name.log") passed lines; $(tail -n 1 "$OUT/$name.log")"
+    grep -E "^(FAILED|ERROR)" "$OUT/$name.log" | head -n 15
+  }
 done
 for name in sanitize_torch sanitize_cupy; do
   [ -f "$OUT/$name.log" ] && { echo "$name:"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$name.log" | sort | uniq -c; }
