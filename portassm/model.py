@@ -417,8 +417,9 @@ class MambaLM:
     norm_f : array, (d_model,)
     lm_head : array, (vocab_size, d_model); the embedding itself when tied
     cuda_graph : bool
-        Decode with a CUDA graph of the whole step when the weights are on a CUDA GPU
-        (torch on CUDA, cupy): default True. ``generate`` and ``stream`` take it per call.
+        Decode with a CUDA graph of the whole step when the weights are torch tensors on
+        a CUDA GPU: default True (the cupy backend decodes step by step: CuPy allows no
+        cuBLAS call inside a graph capture). ``generate`` and ``stream`` take it per call.
 
     Treat the weight attributes as read-only: the decoding path keeps values derived
     from them at construction (``-exp(A_log)``, transposed views) and captures CUDA
@@ -747,8 +748,8 @@ class MambaLM:
         iterator stops when every sequence has.
 
         ``cuda_graph`` (default: the model's ``cuda_graph`` attribute, True) replays the
-        whole decoding step as one CUDA graph when the weights are on a CUDA GPU (torch
-        on CUDA, cupy): the same kernels on the same data as :meth:`step`, without the
+        whole decoding step as one CUDA graph when the weights are torch tensors on a
+        CUDA GPU: the same kernels on the same data as :meth:`step`, without the
         cost of launching them one by one from Python. The graph is captured at the
         first use for a batch size and reused by later calls. If the capture fails, a
         warning says why and decoding goes on with :meth:`step`.
@@ -786,12 +787,11 @@ class MambaLM:
 
     def _decoding_graph(self, batch: int) -> "_GraphStep | None":
         """The captured decoding step for ``batch`` sequences, or None (not on CUDA, in use, failed)."""
-        kind = _graph_kind(self)
-        if kind is None:
+        if _graph_kind(self) is None:
             return None
         if batch not in self._graphs:
             try:
-                graph = (_TorchGraphStep if kind == "torch" else _CupyGraphStep)(self, batch)
+                graph = _TorchGraphStep(self, batch)
                 graph.verify(self)
                 self._graphs[batch] = graph
             except Exception as exc:  # noqa: BLE001 - any failure of the capture: decode eagerly instead
@@ -863,9 +863,12 @@ class _LayerStep:
 
 
 def _graph_kind(model: MambaLM) -> str | None:
-    """"torch" or "cupy" when the model's weights are on a CUDA GPU, else None."""
-    if model.backend.name == "cupy":
-        return "cupy"
+    """"torch" when the model's weights are torch tensors on a CUDA GPU, else None.
+
+    The cupy backend decodes step by step: CuPy refuses cuBLAS calls (its matrix
+    products) inside a stream capture ("calling cuBLAS API during stream capture is
+    currently unsupported", H100, CuPy 14.2), so a graph of its step cannot be captured.
+    """
     if model.backend.name == "torch" and getattr(model.embedding, "is_cuda", False):
         return "torch"
     return None
@@ -947,46 +950,6 @@ class _TorchGraphStep(_GraphStep):
     def step(self, tokens: np.ndarray) -> Array:
         self.ids.copy_(self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)))
         self.graph.replay()
-        return self.logits
-
-
-class _CupyGraphStep(_GraphStep):
-    def __init__(self, model: MambaLM, batch: int) -> None:
-        import cupy as cp
-
-        # A private memory pool: the temporaries the step frees during the capture return to
-        # it and are never handed to other arrays, which the replays would overwrite.
-        self.pool = cp.cuda.MemoryPool()
-        with model._on_backend() as xp, model.embedding.device, cp.cuda.using_allocator(self.pool.malloc):
-            self.stream = cp.cuda.Stream(non_blocking=True)  # capture needs a stream of its own
-            self._ready, self._done = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
-            caller = cp.cuda.get_current_stream()
-            with self.stream:
-                self.stream.wait_event(caller.record())  # the weights are written
-                self.ids = cp.zeros(batch, dtype=cp.int64)
-                self.cache = model.init_cache(batch)
-                for _ in range(2):  # compile, and fill the pool with the blocks the step uses
-                    model._graph_body(xp, self.ids, self.cache)
-                self.stream.synchronize()
-                self.stream.begin_capture()
-                try:
-                    self.logits = model._graph_body(xp, self.ids, self.cache)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        self.stream.end_capture()
-                    raise
-                self.graph = self.stream.end_capture()
-
-    def step(self, tokens: np.ndarray) -> Array:
-        import cupy as cp
-
-        caller = cp.cuda.get_current_stream()
-        self.ids.set(np.ascontiguousarray(tokens, dtype=np.int64), stream=caller)
-        caller.record(self._ready)
-        self.stream.wait_event(self._ready)
-        self.graph.launch(self.stream)
-        self.stream.record(self._done)
-        caller.wait_event(self._done)  # whatever reads the logits next, on the caller's stream, waits for them
         return self.logits
 
 

@@ -359,8 +359,8 @@ def _cuda_model(name: str, path, **kwargs) -> MambaLM:
     if reason is not None:
         pytest.skip(f"backend {name!r} unavailable here: {reason}")
     model = MambaLM.from_pretrained(path, backend=name, **kwargs)
-    if model_module._graph_kind(model) is None:
-        pytest.skip(f"the {name} backend is not on a CUDA GPU here")
+    if name == "torch" and model_module._graph_kind(model) is None:
+        pytest.skip("the torch backend is not on a CUDA GPU here")
     return model
 
 
@@ -408,7 +408,7 @@ def test_graph_decoding_plumbing_on_the_host(peer, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["torch", "cupy"])
+@pytest.mark.parametrize("name", ["torch"])  # cupy: no graphs (CuPy allows no cuBLAS call in a capture)
 def test_cuda_graph_decoding_gives_the_eager_tokens(name, peer):
     _check_graph_decoding(_cuda_model(name, peer["path"]), peer)
 
@@ -452,7 +452,7 @@ def _check_graph_decoding(model, peer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["torch", "cupy"])
+@pytest.mark.parametrize("name", ["torch"])  # cupy: no graphs (CuPy allows no cuBLAS call in a capture)
 def test_two_streams_at_once_share_no_graph(name, peer):
     _check_two_streams(_cuda_model(name, peer["path"]), peer)
 

@@ -85,7 +85,8 @@ def test_autograd_through_scan_matches_oracle_vjp(torch_backend, rng, form, meth
 def test_mamba_block_trains_with_autograd(torch_backend, rng):
     """Gradients of a block's loss: finite, and the directional derivative matches finite differences."""
     params = portassm.init_block_params(d_model=8, d_state=4, dtype="float64", seed=3)
-    params = {k: torch.from_numpy(np.asarray(v)).requires_grad_(True) for k, v in params.items()}
+    # on the CPU, whatever the backend's default device (the GPU machine puts new arrays on CUDA)
+    params = {k: torch.as_tensor(v).detach().cpu().clone().requires_grad_(True) for k, v in params.items()}
     x = torch.from_numpy(rng.standard_normal((2, 7, 8)))
     target = torch.from_numpy(rng.standard_normal((2, 7, 8)))
 
