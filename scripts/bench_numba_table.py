@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,10 +130,7 @@ def main() -> None:
 
     y, new_state = np.empty((1, DIM), np.float32), np.empty((1, DIM, DSTATE), np.float32)
     kernel_args = (*backend_args[:9], True, True, DIM, DIM, y, new_state)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)  # as the backend runs a step of this size
-    step_kernel = median_time(lambda: numba_cpu._SCAN_STEP[0](*kernel_args), 2000)
-    numba.set_num_threads(threads)
+    step_kernel = median_time(lambda: numba_cpu._SCAN_STEP_SERIAL[0](*kernel_args), 2000)  # what runs at this size
     print(f"\nscan_step, batch 1, dim {DIM} (median): {step_ops * 1e6:.1f} us through portassm.scan_step, "
           f"{step_backend * 1e6:.1f} us calling the backend directly, {step_kernel * 1e6:.1f} us the kernel alone "
           f"(checks: {(step_ops - step_backend) * 1e6:.1f} us, the backend's wrapper: {(step_backend - step_kernel) * 1e6:.1f} us)")

@@ -317,6 +317,26 @@ def test_step_does_not_modify_the_state_and_matches_scan(use_numba):
     assert rel_err(new, ref_last) <= TOLERANCE["float32"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("method", ["mamba", "zoh"])
+def test_large_steps_run_the_parallel_kernel_to_the_same_result(use_numba, monkeypatch, dtype, method):
+    # a step of >= STEP_PARALLEL_MIN updates runs the prange kernel over channel blocks;
+    # lowering the threshold sends this small one there (blocks of 64: 150 = 64 + 64 + 22)
+    rng = np.random.default_rng(11)
+    case = make_case(rng, batch=2, dim=150, seqlen=1, dstate=20, form="grouped", groups=5,
+                     discretization=method).astype(dtype)
+    args = (case.initial_state, case.u[..., 0], case.delta[..., 0], case.A, case.B[..., 0], case.C[..., 0], case.D,
+            case.z[..., 0], case.delta_bias, True)
+    serial = portassm.scan_step(*args, discretization=method)
+    monkeypatch.setattr(numba_cpu, "STEP_PARALLEL_MIN", 0)
+    parallel = portassm.scan_step(*args, discretization=method)
+    ref_out, ref_last = oracle_forward(case)
+    for got, ref in zip(parallel, (ref_out[..., 0], ref_last)):
+        assert rel_err(got, ref) <= TOLERANCE[dtype]
+    for got, other in zip(parallel, serial):
+        assert rel_err(got, other) <= TOLERANCE[dtype]
+
+
 def test_nan_in_delta_with_softplus_propagates(use_numba):
     rng = np.random.default_rng(11)
     case = make_case(rng, batch=1, dim=3, seqlen=6, options=False)

@@ -637,21 +637,22 @@ def scan_bwd(
 #: channels per prange job of the decoding step
 STEP_BLOCK = 64
 #: a decoding step with fewer state updates (batch * dim * dstate) than this runs on
-#: one thread: at batch 1, dim 1536 it takes tens of microseconds, and waking a second
-#: thread that another process holds cost 10 ms a step on the loaded development VM
+#: one thread (a serial kernel): at batch 1, dim 1536 it takes tens of microseconds, and
+#: waking a second thread that another process holds cost 10 ms a step on the loaded VM
 STEP_PARALLEL_MIN = 1 << 20
 
 
-def _make_scan_step(method: int):
+def _make_scan_step(method: int, parallel: bool):
     # One token is ~25k state updates at dim 1536: a few microseconds, so what costs is
     # per-channel overhead. The per-channel values (Δ, Δx, D x, the gate) are computed
     # first, vectorised across channels; then each channel runs over its states in
     # groups of 16 with a constant trip count (LLVM vectorises it as two 8-lane
     # vectors; a run-time count of 16 fell to the scalar remainder of an 8 x 4 loop).
-    # The kernel is a prange over blocks of STEP_BLOCK channels (what makes numba mark
-    # its arrays noalias, see _make_scan_fwd); the wrapper runs it on one thread below
-    # STEP_PARALLEL_MIN (numba's thread functions inside a kernel would stop its caching).
-    @njit(parallel=True, fastmath=nk.FASTMATH_REDUCE, **nk.JIT)
+    # ``parallel``: a prange over blocks of STEP_BLOCK channels; otherwise one block per
+    # batch row, serial (the wrapper's choice below STEP_PARALLEL_MIN: numba's thread
+    # functions cost 2 us a call, and inside a kernel they would stop its caching).
+    # ``parallel`` is read in the body, so it is in the closure that keys the disk cache.
+    @njit(parallel=parallel, fastmath=nk.FASTMATH_REDUCE, **nk.JIT)
     def scan_step_kernel(state, x, dt, A, B, C, D, z, bias, softplus, has_z, wb, wc, y, new_state):
         batch, dim = x.shape
         dstate = A.shape[1]
@@ -673,13 +674,14 @@ def _make_scan_step(method: int):
             else:
                 for d in range(dim):
                     work[3, b, d] = one
-        nblk = (dim + STEP_BLOCK - 1) // STEP_BLOCK
+        block = STEP_BLOCK if parallel else dim
+        nblk = (dim + block - 1) // block
         for job in prange(batch * nblk):
             b = job // nblk
-            d0 = job % nblk * STEP_BLOCK
+            d0 = job % nblk * block
             gb = d0 // wb  # groups of B and C, advanced at their boundaries (no division a channel)
             gc = d0 // wc
-            for d in range(d0, min(d0 + STEP_BLOCK, dim)):
+            for d in range(d0, min(d0 + block, dim)):
                 if d == (gb + 1) * wb:
                     gb += 1
                 if d == (gc + 1) * wc:
@@ -710,7 +712,8 @@ def _make_scan_step(method: int):
     return scan_step_kernel
 
 
-_SCAN_STEP = {number: _make_scan_step(number) for number in (nk.MAMBA, nk.ZOH, nk.BILINEAR)}
+_SCAN_STEP = {number: _make_scan_step(number, True) for number in (nk.MAMBA, nk.ZOH, nk.BILINEAR)}
+_SCAN_STEP_SERIAL = {number: _make_scan_step(number, False) for number in (nk.MAMBA, nk.ZOH, nk.BILINEAR)}
 
 
 def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization):
@@ -729,19 +732,13 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
     new_state = np.empty(state_.shape, ct)
     wb = dim if B_.ndim == 2 else dim // B_.shape[1]
     wc = dim if C_.ndim == 2 else dim // C_.shape[1]
-    _apply_threads()
-    threads = numba.get_num_threads()
-    one = threads != 1 and batch * dim * state_.shape[2] < STEP_PARALLEL_MIN
-    if one:
-        numba.set_num_threads(1)
-    try:
-        _SCAN_STEP[nk.METHOD_NUMBER[discretization]](
-            state_, x_, dt_, A_, B_, C_, _per_channel(D_, dim, ct), z_ if z_ is not None else x_,
-            _per_channel(bias_, dim, ct), bool(dt_softplus), z_ is not None, wb, wc, y, new_state,
-        )
-    finally:
-        if one:
-            numba.set_num_threads(threads)
+    serial = batch * dim * state_.shape[2] < STEP_PARALLEL_MIN
+    if not serial:
+        _apply_threads()
+    (_SCAN_STEP_SERIAL if serial else _SCAN_STEP)[nk.METHOD_NUMBER[discretization]](
+        state_, x_, dt_, A_, B_, C_, _per_channel(D_, dim, ct), z_ if z_ is not None else x_,
+        _per_channel(bias_, dim, ct), bool(dt_softplus), z_ is not None, wb, wc, y, new_state,
+    )
     return y.astype(x.dtype, copy=False), new_state.astype(state.dtype, copy=False)
 
 
