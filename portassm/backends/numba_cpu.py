@@ -194,7 +194,7 @@ def _make_scan_fwd(method: int):
         dstate = A.shape[1]
         nseg = dim // segment
         dt_ = u.dtype
-        nth = numba.config.NUMBA_NUM_THREADS
+        nth = 2 * numba.config.NUMBA_NUM_THREADS  # thread i uses slot 2 i: no cache line shared between threads
         a_ = np.empty((nth, dstate, LANES), dt_)
         as_ = np.empty((nth, dstate, LANES), dt_)
         bl = np.empty((nth, dstate, LANES), dt_)  # time-invariant B and C, per lane
@@ -210,14 +210,15 @@ def _make_scan_fwd(method: int):
         yl = np.empty((nth, LANES), dt_)
         for job in prange(batch * nseg * nsub):
             tid = numba.get_thread_id()
+            ts = 2 * tid
             b, d0, nl, gb, gc = _block(job, nseg, nsub, segment, wb, wc)
-            _load_block(A, B, C, h0, b, d0, nl, tid, a_, as_, bl, cl, h)
+            _load_block(A, B, C, h0, b, d0, nl, ts, a_, as_, bl, cl, h)
             for t0 in range(0, seqlen, CHUNK):
                 tn = min(CHUNK, seqlen - t0)
                 if save:  # the state at the start of the chunk, for the backward
                     for n in range(dstate):
                         for j in range(lanes):
-                            ckpt[job, t0 // CHUNK, n, j] = h[tid, n, j]
+                            ckpt[job, t0 // CHUNK, n, j] = h[ts, n, j]
                 for j in range(LANES):
                     d = d0 + min(j, nl - 1)
                     bd = bias[d]
@@ -227,39 +228,39 @@ def _make_scan_fwd(method: int):
                         x = delta[b, d, uint64(t0 + tt)] + bd
                         sp = nk.softplus(x)
                         dtv = sp if softplus else x  # a select: the loop stays branch-free
-                        dts[tid, j, tt] = dtv
-                        dus[tid, j, tt] = dtv * uu
-                        ys[tid, j, tt] = Dd * uu
+                        dts[ts, j, tt] = dtv
+                        dus[ts, j, tt] = dtv * uu
+                        ys[ts, j, tt] = Dd * uu
                 for tt in range(tn):
                     t = uint64(t0 + tt)
                     for j in range(lanes):
-                        dtl[tid, j] = dts[tid, j, tt]
-                        dul[tid, j] = dus[tid, j, tt]
-                        yl[tid, j] = ys[tid, j, tt]
+                        dtl[ts, j] = dts[ts, j, tt]
+                        dul[ts, j] = dus[ts, j, tt]
+                        yl[ts, j] = ys[ts, j, tt]
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
                         for j in range(LANES):
-                            abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
-                            bv = bn if B.ndim == 4 else bl[tid, n, j]
-                            cv = cn if C.ndim == 4 else cl[tid, n, j]
-                            hv = abar * h[tid, n, j] + dul[tid, j] * f * bv
-                            h[tid, n, j] = hv
-                            yl[tid, j] += cv * hv
+                            abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
+                            bv = bn if B.ndim == 4 else bl[ts, n, j]
+                            cv = cn if C.ndim == 4 else cl[ts, n, j]
+                            hv = abar * h[ts, n, j] + dul[ts, j] * f * bv
+                            h[ts, n, j] = hv
+                            yl[ts, j] += cv * hv
                     for j in range(lanes):
-                        ys[tid, j, tt] = yl[tid, j]
+                        ys[ts, j, tt] = yl[ts, j]
                 for j in range(nl):
                     d = d0 + j
                     if has_z:
                         for tt in range(tn):
                             zz = z[b, d, uint64(t0 + tt)]
-                            out[b, d, uint64(t0 + tt)] = ys[tid, j, tt] * zz * nk.sigmoid(zz)
+                            out[b, d, uint64(t0 + tt)] = ys[ts, j, tt] * zz * nk.sigmoid(zz)
                     else:
                         for tt in range(tn):
-                            out[b, d, uint64(t0 + tt)] = ys[tid, j, tt]
+                            out[b, d, uint64(t0 + tt)] = ys[ts, j, tt]
             for j in range(nl):
                 for n in range(dstate):
-                    last[b, d0 + j, n] = h[tid, n, j]
+                    last[b, d0 + j, n] = h[ts, n, j]
 
     return scan_fwd_kernel
 
@@ -339,7 +340,7 @@ def _make_scan_bwd(method: int):
         nseg = dim // segment
         nchunks = (seqlen + CHUNK - 1) // CHUNK
         dt_ = u.dtype
-        nth = numba.config.NUMBA_NUM_THREADS
+        nth = 2 * numba.config.NUMBA_NUM_THREADS  # thread i uses slot 2 i: no cache line shared between threads
         a_ = np.empty((nth, dstate, LANES), dt_)
         as_ = np.empty((nth, dstate, LANES), dt_)
         bl = np.empty((nth, dstate, LANES), dt_)
@@ -374,18 +375,19 @@ def _make_scan_bwd(method: int):
         dDl = np.zeros((nth, LANES), dt_)
         for job in prange(batch * nseg * nsub):
             tid = numba.get_thread_id()
+            ts = 2 * tid
             b, d0, nl, gb, gc = _block(job, nseg, nsub, segment, wb, wc)
             zero = nk.const(A[0, 0], 0.0)
             one = nk.const(A[0, 0], 1.0)
-            _load_block(A, B, C, h0, b, d0, nl, tid, a_, as_, bl, cl, h)
+            _load_block(A, B, C, h0, b, d0, nl, ts, a_, as_, bl, cl, h)
             for j in range(LANES):
-                dDl[tid, j] = zero
+                dDl[ts, j] = zero
                 for n in range(dstate):
-                    dAl[tid, n, j] = zero
-                    dBl[tid, n, j] = zero
-                    dCl[tid, n, j] = zero
+                    dAl[ts, n, j] = zero
+                    dBl[ts, n, j] = zero
+                    dCl[ts, n, j] = zero
                     # spare lanes get no cotangent, so they add nothing to shared sums
-                    g[tid, n, j] = dlast[b, d0 + j, n] if j < nl else zero
+                    g[ts, n, j] = dlast[b, d0 + j, n] if j < nl else zero
 
             if not have_ckpt:  # pass 1: the state at the start of every chunk
                 for c in range(nchunks):
@@ -393,26 +395,26 @@ def _make_scan_bwd(method: int):
                     tn = min(CHUNK, seqlen - t0)
                     for n in range(dstate):
                         for j in range(lanes):
-                            ckpt[job, c, n, j] = h[tid, n, j]
+                            ckpt[job, c, n, j] = h[ts, n, j]
                     for j in range(LANES):
                         d = d0 + min(j, nl - 1)
                         bd = bias[d]
                         for tt in range(tn):
                             x = delta[b, d, uint64(t0 + tt)] + bd
                             dtv = nk.softplus(x) if softplus else x
-                            dts[tid, j, tt] = dtv
-                            dus[tid, j, tt] = dtv * u[b, d, uint64(t0 + tt)]
+                            dts[ts, j, tt] = dtv
+                            dus[ts, j, tt] = dtv * u[b, d, uint64(t0 + tt)]
                     for tt in range(tn):
                         t = uint64(t0 + tt)
                         for j in range(LANES):
-                            dtl[tid, j] = dts[tid, j, tt]
-                            dul[tid, j] = dus[tid, j, tt]
+                            dtl[ts, j] = dts[ts, j, tt]
+                            dul[ts, j] = dus[ts, j, tt]
                         for n in range(dstate):
                             bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                             for j in range(LANES):
-                                abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
-                                bv = bn if B.ndim == 4 else bl[tid, n, j]
-                                h[tid, n, j] = abar * h[tid, n, j] + dul[tid, j] * f * bv
+                                abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
+                                bv = bn if B.ndim == 4 else bl[ts, n, j]
+                                h[ts, n, j] = abar * h[ts, n, j] + dul[ts, j] * f * bv
 
             # pass 2: chunks in reverse; recompute each chunk's states, then the adjoint
             for c in range(nchunks - 1, -1, -1):
@@ -430,62 +432,62 @@ def _make_scan_bwd(method: int):
                             zz = z[b, d, uint64(t0 + tt)]
                             go = dout[b, d, uint64(t0 + tt)] * live
                             sig = nk.sigmoid(zz)
-                            gzs[tid, j, tt] = go * sig * (one + zz * (one - sig))
-                            dys[tid, j, tt] = go * zz * sig
+                            gzs[ts, j, tt] = go * sig * (one + zz * (one - sig))
+                            dys[ts, j, tt] = go * zz * sig
                     else:
                         for tt in range(tn):
-                            dys[tid, j, tt] = dout[b, d, uint64(t0 + tt)] * live
+                            dys[ts, j, tt] = dout[b, d, uint64(t0 + tt)] * live
                     acc = zero
                     for tt in range(tn):
                         uu = u[b, d, uint64(t0 + tt)]
                         x = delta[b, d, uint64(t0 + tt)] + bd
                         sp, sg = nk.softplus_and_grad(x)
                         dtv = sp if softplus else x
-                        dts[tid, j, tt] = dtv
-                        sps[tid, j, tt] = sg if softplus else one
-                        dus[tid, j, tt] = dtv * uu
-                        us[tid, j, tt] = uu
-                        ys[tid, j, tt] = Dd * uu
-                        dy = dys[tid, j, tt]
+                        dts[ts, j, tt] = dtv
+                        sps[ts, j, tt] = sg if softplus else one
+                        dus[ts, j, tt] = dtv * uu
+                        us[ts, j, tt] = uu
+                        ys[ts, j, tt] = Dd * uu
+                        dy = dys[ts, j, tt]
                         acc += dy * uu
-                        dua[tid, j, tt] = Dd * dy
-                    dDl[tid, j] += acc
+                        dua[ts, j, tt] = Dd * dy
+                    dDl[ts, j] += acc
                 # recompute the chunk's states from its checkpoint (and y, and dC, which needs no adjoint)
                 for n in range(dstate):
                     for j in range(lanes):
-                        h[tid, n, j] = ckpt[job, c, n, j]
+                        h[ts, n, j] = ckpt[job, c, n, j]
                 for tt in range(tn):
                     t = uint64(t0 + tt)
                     for j in range(LANES):
-                        dtl[tid, j] = dts[tid, j, tt]
-                        dul[tid, j] = dus[tid, j, tt]
-                        yl[tid, j] = ys[tid, j, tt]
-                        dyl[tid, j] = dys[tid, j, tt]
+                        dtl[ts, j] = dts[ts, j, tt]
+                        dul[ts, j] = dus[ts, j, tt]
+                        yl[ts, j] = ys[ts, j, tt]
+                        dyl[ts, j] = dys[ts, j, tt]
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
                         sum_c = zero
                         for j in range(LANES):
-                            abar, f = nk.coefficients(method, dtl[tid, j], a_[tid, n, j], as_[tid, n, j])
-                            bv = bn if B.ndim == 4 else bl[tid, n, j]
-                            cv = cn if C.ndim == 4 else cl[tid, n, j]
-                            hp = h[tid, n, j]
-                            hs[tid, tt, n, j] = hp
-                            abars[tid, tt, n, j] = abar
-                            hv = abar * hp + dul[tid, j] * f * bv
-                            h[tid, n, j] = hv
-                            yl[tid, j] += cv * hv
+                            abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
+                            bv = bn if B.ndim == 4 else bl[ts, n, j]
+                            cv = cn if C.ndim == 4 else cl[ts, n, j]
+                            hp = h[ts, n, j]
+                            hs[ts, tt, n, j] = hp
+                            abars[ts, tt, n, j] = abar
+                            hv = abar * hp + dul[ts, j] * f * bv
+                            h[ts, n, j] = hv
+                            yl[ts, j] += cv * hv
                             if C.ndim == 4:
-                                sum_c += hv * dyl[tid, j]
+                                sum_c += hv * dyl[ts, j]
                             else:
-                                dCl[tid, n, j] += hv * dyl[tid, j]
-                        dCc[tid, n, tt] = sum_c
+                                dCl[ts, n, j] += hv * dyl[ts, j]
+                        dCc[ts, n, tt] = sum_c
                     for j in range(LANES):
-                        ys[tid, j, tt] = yl[tid, j]
+                        ys[ts, j, tt] = yl[ts, j]
                 if has_z:
                     for j in range(nl):
                         for tt in range(tn):
-                            dz[b, d0 + j, uint64(t0 + tt)] = gzs[tid, j, tt] * ys[tid, j, tt]
+                            dz[b, d0 + j, uint64(t0 + tt)] = gzs[ts, j, tt] * ys[ts, j, tt]
                 # the adjoint, in reverse time. g is dL/dh after step tt; gv adds C dy.
                 # mamba (Abar = exp(Δ A), Bcoef = Δ): with q = Abar gv h_prev,
                 #   dΔ = Σ_n q A + u Σ_n gv B,  du += Δ Σ_n gv B,  dA += q Δ,  dB = Σ_lanes gv Δ u
@@ -493,76 +495,76 @@ def _make_scan_bwd(method: int):
                     tt = uint64(tn - 1 - rt)  # reverse time; unsigned: see the module docstring
                     t = uint64(t0 + tn - 1 - rt)
                     for j in range(LANES):
-                        dtl[tid, j] = dts[tid, j, tt]
-                        ul[tid, j] = us[tid, j, tt]
-                        dul[tid, j] = dus[tid, j, tt]
-                        dyl[tid, j] = dys[tid, j, tt]
-                        s1[tid, j] = zero
-                        s2[tid, j] = zero
+                        dtl[ts, j] = dts[ts, j, tt]
+                        ul[ts, j] = us[ts, j, tt]
+                        dul[ts, j] = dus[ts, j, tt]
+                        dyl[ts, j] = dys[ts, j, tt]
+                        s1[ts, j] = zero
+                        s2[ts, j] = zero
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
                         sum_b = zero
                         for j in range(lanes):
-                            dtv = dtl[tid, j]
-                            an = a_[tid, n, j]
-                            bv = bn if B.ndim == 4 else bl[tid, n, j]
-                            cv = cn if C.ndim == 4 else cl[tid, n, j]
-                            gv = g[tid, n, j] + cv * dyl[tid, j]
-                            abar = abars[tid, tt, n, j]
+                            dtv = dtl[ts, j]
+                            an = a_[ts, n, j]
+                            bv = bn if B.ndim == 4 else bl[ts, n, j]
+                            cv = cn if C.ndim == 4 else cl[ts, n, j]
+                            gv = g[ts, n, j] + cv * dyl[ts, j]
+                            abar = abars[ts, tt, n, j]
                             gn = abar * gv
-                            g[tid, n, j] = gn
+                            g[ts, n, j] = gn
                             if method == nk.MAMBA:
-                                q = gn * hs[tid, tt, n, j]
-                                s1[tid, j] += gv * bv
-                                s2[tid, j] += q * an
-                                dAl[tid, n, j] += q * dtv
-                                db = gv * dul[tid, j]
+                                q = gn * hs[ts, tt, n, j]
+                                s1[ts, j] += gv * bv
+                                s2[ts, j] += q * an
+                                dAl[ts, n, j] += q * dtv
+                                db = gv * dul[ts, j]
                             else:
-                                f = nk.coefficients(method, dtv, an, as_[tid, n, j])[1]
+                                f = nk.coefficients(method, dtv, an, as_[ts, n, j])[1]
                                 pa_dt, pa_da, pb_dt, pb_da = nk.coefficient_grads(method, dtv, an, abar, f)
-                                dab = gv * hs[tid, tt, n, j]
-                                dbc = gv * ul[tid, j] * bv
+                                dab = gv * hs[ts, tt, n, j]
+                                dbc = gv * ul[ts, j] * bv
                                 bcoef = dtv * f
-                                s1[tid, j] += gv * bcoef * bv
-                                s2[tid, j] += dab * pa_dt + dbc * pb_dt
-                                dAl[tid, n, j] += dab * pa_da + dbc * pb_da
-                                db = gv * ul[tid, j] * bcoef
+                                s1[ts, j] += gv * bcoef * bv
+                                s2[ts, j] += dab * pa_dt + dbc * pb_dt
+                                dAl[ts, n, j] += dab * pa_da + dbc * pb_da
+                                db = gv * ul[ts, j] * bcoef
                             if B.ndim == 4:
                                 sum_b += db
                             else:
-                                dBl[tid, n, j] += db
-                        dBc[tid, n, tt] = sum_b
+                                dBl[ts, n, j] += db
+                        dBc[ts, n, tt] = sum_b
                     for j in range(LANES):
                         if method == nk.MAMBA:
-                            dua[tid, j, tt] += dtl[tid, j] * s1[tid, j]
-                            ddt[tid, j, tt] = s2[tid, j] + ul[tid, j] * s1[tid, j]
+                            dua[ts, j, tt] += dtl[ts, j] * s1[ts, j]
+                            ddt[ts, j, tt] = s2[ts, j] + ul[ts, j] * s1[ts, j]
                         else:
-                            dua[tid, j, tt] += s1[tid, j]
-                            ddt[tid, j, tt] = s2[tid, j]
+                            dua[ts, j, tt] += s1[ts, j]
+                            ddt[ts, j, tt] = s2[ts, j]
                 if B.ndim == 4:
                     for n in range(dstate):
                         for tt in range(tn):
-                            dB_part[tid, b, gb, n, uint64(t0 + tt)] += dBc[tid, n, tt]
+                            dB_part[tid, b, gb, n, uint64(t0 + tt)] += dBc[ts, n, tt]
                 if C.ndim == 4:
                     for n in range(dstate):
                         for tt in range(tn):
-                            dC_part[tid, b, gc, n, uint64(t0 + tt)] += dCc[tid, n, tt]
+                            dC_part[tid, b, gc, n, uint64(t0 + tt)] += dCc[ts, n, tt]
                 for j in range(nl):
                     d = d0 + j
                     for tt in range(tn):
-                        du[b, d, uint64(t0 + tt)] = dua[tid, j, tt]
-                        ddelta[b, d, uint64(t0 + tt)] = ddt[tid, j, tt] * sps[tid, j, tt]
+                        du[b, d, uint64(t0 + tt)] = dua[ts, j, tt]
+                        ddelta[b, d, uint64(t0 + tt)] = ddt[ts, j, tt] * sps[ts, j, tt]
             for j in range(nl):
                 d = d0 + j
-                dD_b[b, d] = dDl[tid, j]
+                dD_b[b, d] = dDl[ts, j]
                 for n in range(dstate):
-                    dA_b[b, d, n] = dAl[tid, n, j]
-                    dh0[b, d, n] = g[tid, n, j]
+                    dA_b[b, d, n] = dAl[ts, n, j]
+                    dh0[b, d, n] = g[ts, n, j]
                     if B.ndim == 2:
-                        dB_part[0, b, d, n] = dBl[tid, n, j]
+                        dB_part[0, b, d, n] = dBl[ts, n, j]
                     if C.ndim == 2:
-                        dC_part[0, b, d, n] = dCl[tid, n, j]
+                        dC_part[0, b, d, n] = dCl[ts, n, j]
 
     return scan_bwd_kernel
 
