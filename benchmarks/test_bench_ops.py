@@ -1,7 +1,7 @@
 """Speed of every operation on every backend, with the baselines in the same tables.
 
 One table (pytest-benchmark group) per operation, size and dtype: ``scan``,
-``scan_vjp`` (forward then backward), ``step`` (one decoding token of the scan),
+``scan_vjp`` (forward then backward: ``scan_with_vjp`` and its ``vjp``), ``step`` (one decoding token of the scan),
 ``block`` (the Mamba block forward) and ``decode`` (one token of a whole MambaLM).
 Rows are portassm's backends (``numpy``, ``numba``, ``torch``, ``cupy`` …, whatever
 :data:`portassm.backends.BACKENDS` lists), ``torch-autograd`` (the torch backend
@@ -136,7 +136,7 @@ def test_scan(impl, size, dtype, jobs, wanted, backend_named, measure):
 
 @pytest.mark.parametrize("impl", (*IMPLS, "torch-autograd"))
 def test_scan_vjp(impl, size, dtype, jobs, wanted, backend_named, measure):
-    """Forward then backward: ``scan`` + ``scan_vjp`` on backends, autograd on torch and the baselines."""
+    """Forward then backward: ``scan_with_vjp`` + its ``vjp`` on backends, autograd on torch and the baselines."""
     if impl in BACKENDS:
         _run_backend(impl, "scan_vjp", size, dtype, jobs, backend_named, measure)
     elif impl == "torch-autograd":

@@ -1,8 +1,9 @@
 """portassm: Mamba's selective state space model on every array library.
 
-One API (:func:`scan`, :func:`scan_vjp`, :func:`scan_with_vjp`, :func:`scan_step`, :func:`discretize`,
-:func:`causal_conv1d`, :func:`mamba_block` and its step form) over a NumPy reference, a
-Numba CPU backend, a CuPy CUDA backend and a Torch + Triton backend. Choose one with
+One API (:func:`scan`, :func:`scan_vjp`, :func:`scan_with_vjp`, :func:`scan_step`,
+:func:`discretize`, :func:`causal_conv1d`, :func:`mamba_block` and its step form) over a
+NumPy reference, a Numba CPU backend, a CuPy CUDA backend and a Torch + Triton backend.
+Choose one with
 :func:`set_backend`, :func:`use_backend` or the ``PORTASSM_BACKEND`` environment variable.
 """
 
