@@ -3,8 +3,8 @@
 One API (:func:`scan`, :func:`scan_vjp`, :func:`scan_with_vjp`, :func:`scan_step`,
 :func:`discretize`, :func:`causal_conv1d`, :func:`mamba_block` and its step form) over a
 NumPy reference, a Numba CPU backend, a CuPy CUDA backend and a Torch + Triton backend.
-Choose one with
-:func:`set_backend`, :func:`use_backend` or the ``PORTASSM_BACKEND`` environment variable.
+Choose one with :func:`set_backend`, :func:`use_backend` or the ``PORTASSM_BACKEND``
+environment variable.
 """
 
 from .backend import Backend, available_backends, get_backend, set_backend, use_backend
