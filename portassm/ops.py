@@ -187,8 +187,8 @@ def scan_with_vjp(
     returns. It can be called any number of times, with different cotangents.
 
     The difference with ``scan`` then ``scan_vjp`` is the work: on backends that support
-    it (numba) the forward keeps the states at chunk boundaries (one state per
-    channel every 64 steps: O(batch·dim·dstate·seqlen/64) memory), and the backward
+    it (numba, cupy) the forward keeps the states at chunk boundaries (numba: one state
+    per channel every 64 steps, O(batch·dim·dstate·seqlen/64) memory), and the backward
     starts from them instead of running the recurrence over the sequence once more.
     Other backends recompute as ``scan_vjp`` does. ``vjp`` holds on to the arguments
     and runs on the backend that was in force when ``scan_with_vjp`` was called.
