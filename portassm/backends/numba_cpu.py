@@ -208,6 +208,7 @@ def _make_scan_fwd(method: int):
         dtl = np.empty((nth, LANES), dt_)
         dul = np.empty((nth, LANES), dt_)
         yl = np.empty((nth, LANES), dt_)
+        zero = nk.const(A[0, 0], 0.0)
         for job in prange(batch * nseg * nsub):
             tid = numba.get_thread_id()
             ts = 2 * tid
@@ -230,13 +231,12 @@ def _make_scan_fwd(method: int):
                         dtv = sp if softplus else x  # a select: the loop stays branch-free
                         dts[ts, j, tt] = dtv
                         dus[ts, j, tt] = dtv * uu
-                        ys[ts, j, tt] = Dd * uu
                 for tt in range(tn):
                     t = uint64(t0 + tt)
                     for j in range(lanes):
                         dtl[ts, j] = dts[ts, j, tt]
                         dul[ts, j] = dus[ts, j, tt]
-                        yl[ts, j] = ys[ts, j, tt]
+                        yl[ts, j] = zero
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
@@ -251,13 +251,15 @@ def _make_scan_fwd(method: int):
                         ys[ts, j, tt] = yl[ts, j]
                 for j in range(nl):
                     d = d0 + j
+                    Dd = D[d]
                     if has_z:
                         for tt in range(tn):
                             zz = z[b, d, uint64(t0 + tt)]
-                            out[b, d, uint64(t0 + tt)] = ys[ts, j, tt] * zz * nk.sigmoid(zz)
+                            yv = ys[ts, j, tt] + Dd * u[b, d, uint64(t0 + tt)]
+                            out[b, d, uint64(t0 + tt)] = yv * zz * nk.sigmoid(zz)
                     else:
                         for tt in range(tn):
-                            out[b, d, uint64(t0 + tt)] = ys[ts, j, tt]
+                            out[b, d, uint64(t0 + tt)] = ys[ts, j, tt] + Dd * u[b, d, uint64(t0 + tt)]
             for j in range(nl):
                 for n in range(dstate):
                     last[b, d0 + j, n] = h[ts, n, j]
