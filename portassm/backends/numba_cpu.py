@@ -449,7 +449,6 @@ def _make_scan_bwd(method: int):
                         sps[ts, j, tt] = sg if softplus else one
                         dus[ts, j, tt] = dtv * uu
                         us[ts, j, tt] = uu
-                        ys[ts, j, tt] = Dd * uu
                         dy = dys[ts, j, tt]
                         acc += dy * uu
                         dua[ts, j, tt] = Dd * dy
@@ -463,7 +462,7 @@ def _make_scan_bwd(method: int):
                     for j in range(LANES):
                         dtl[ts, j] = dts[ts, j, tt]
                         dul[ts, j] = dus[ts, j, tt]
-                        yl[ts, j] = ys[ts, j, tt]
+                        yl[ts, j] = zero  # D u is added where y is used (dz)
                         dyl[ts, j] = dys[ts, j, tt]
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
@@ -488,8 +487,9 @@ def _make_scan_bwd(method: int):
                         ys[ts, j, tt] = yl[ts, j]
                 if has_z:
                     for j in range(nl):
+                        Dd = D[d0 + j]
                         for tt in range(tn):
-                            dz[b, d0 + j, uint64(t0 + tt)] = gzs[ts, j, tt] * ys[ts, j, tt]
+                            dz[b, d0 + j, uint64(t0 + tt)] = gzs[ts, j, tt] * (ys[ts, j, tt] + Dd * us[ts, j, tt])
                 # the adjoint, in reverse time. g is dL/dh after step tt; gv adds C dy.
                 # mamba (Abar = exp(Δ A), Bcoef = Δ): with q = Abar gv h_prev,
                 #   dΔ = Σ_n q A + u Σ_n gv B,  du += Δ Σ_n gv B,  dA += q Δ,  dB = Σ_lanes gv Δ u
@@ -497,9 +497,11 @@ def _make_scan_bwd(method: int):
                     tt = uint64(tn - 1 - rt)  # reverse time; unsigned: see the module docstring
                     t = uint64(t0 + tn - 1 - rt)
                     for j in range(LANES):
-                        dtl[ts, j] = dts[ts, j, tt]
-                        ul[ts, j] = us[ts, j, tt]
-                        dul[ts, j] = dus[ts, j, tt]
+                        dv = dts[ts, j, tt]
+                        uv = us[ts, j, tt]
+                        dtl[ts, j] = dv
+                        ul[ts, j] = uv
+                        dul[ts, j] = dv * uv  # as dus, without its gather
                         dyl[ts, j] = dys[ts, j, tt]
                         s1[ts, j] = zero
                         s2[ts, j] = zero
@@ -720,16 +722,43 @@ _SCAN_STEP = {number: _make_scan_step(number, True) for number in (nk.MAMBA, nk.
 _SCAN_STEP_SERIAL = {number: _make_scan_step(number, False) for number in (nk.MAMBA, nk.ZOH, nk.BILINEAR)}
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_STEP_METHOD = {name: (_SCAN_STEP_SERIAL[number], _SCAN_STEP[number]) for name, number in nk.METHOD_NUMBER.items()}
+_ZEROS: dict[tuple[int, np.dtype], np.ndarray] = {}  # D and dt_bias when absent, per (dim, dtype): read-only
+
+
+def _zeros(dim: int, ct: np.dtype) -> np.ndarray:
+    zeros = _ZEROS.get((dim, ct))
+    if zeros is None:
+        zeros = _ZEROS[(dim, ct)] = np.zeros(dim, ct)
+        zeros.flags.writeable = False
+    return zeros
+
+
 def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization):
     """One token: ``(y, new_state)``; y has x's dtype, new_state the state's. ``state`` is not modified.
 
-    The fast path (every array already C-contiguous in the compute dtype, the usual case
-    when decoding) converts nothing.
+    The fast path (every array already C-contiguous float32, or every one float64: the
+    usual case when decoding) converts nothing; the wrapper costs about 2 us of Python.
     """
-    ct = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
     arrays = (state, x, dt, A, B, C, D, z, dt_bias)
-    if not all(a is None or (a.dtype == ct and a.flags.c_contiguous) for a in arrays):
+    n32 = n64 = 0
+    contiguous = True
+    for a in arrays:
+        if a is not None:
+            kind = a.dtype
+            if kind is _F32:
+                n32 += 1
+            elif kind is _F64:
+                n64 += 1
+            else:
+                contiguous = False  # another dtype: converted below
+            contiguous = contiguous and a.flags.c_contiguous
+    ct = _F64 if n64 else _F32
+    if not contiguous or (n32 and n64):
+        ct = _compute_dtype(*arrays)
         arrays = _prepare(ct, *arrays)
+        ct = np.dtype(ct)
     state_, x_, dt_, A_, B_, C_, D_, z_, bias_ = arrays
     batch, dim = x_.shape
     y = np.empty((batch, dim), ct)
@@ -739,11 +768,15 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
     serial = batch * dim * state_.shape[2] < STEP_PARALLEL_MIN
     if not serial:
         _apply_threads()
-    (_SCAN_STEP_SERIAL if serial else _SCAN_STEP)[nk.METHOD_NUMBER[discretization]](
-        state_, x_, dt_, A_, B_, C_, _per_channel(D_, dim, ct), z_ if z_ is not None else x_,
-        _per_channel(bias_, dim, ct), bool(dt_softplus), z_ is not None, wb, wc, y, new_state,
+    _STEP_METHOD[discretization][0 if serial else 1](
+        state_, x_, dt_, A_, B_, C_, _zeros(dim, ct) if D_ is None else D_, x_ if z_ is None else z_,
+        _zeros(dim, ct) if bias_ is None else bias_, bool(dt_softplus), z_ is not None, wb, wc, y, new_state,
     )
-    return y.astype(x.dtype, copy=False), new_state.astype(state.dtype, copy=False)
+    if x.dtype is not ct:
+        y = y.astype(x.dtype)
+    if state.dtype is not ct:
+        new_state = new_state.astype(state.dtype)
+    return y, new_state
 
 
 # --------------------------------------------------------------------------- causal depthwise convolution
