@@ -64,6 +64,7 @@ if ARGS is not None and ARGS.threads is not None:  # thread pools read these whe
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's portassm
 import portassm  # noqa: E402
 from portassm.model import MambaConfig, MambaLM  # noqa: E402
 
