@@ -97,13 +97,22 @@ def scan(
         float32, or float64 when an input is float64. Only with ``return_last_state``.
     """
     backend, a, _ = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, discretization)
-    if a.seqlen == 0:
-        out, last = a.u, _empty_scan_state(backend, a)
-    else:
-        out, last = backend.scan_fwd(
-            a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, bool(delta_softplus), a.initial_state, discretization
-        )
+    out, last, _ = _forward(backend, a, delta_softplus, discretization, keep_checkpoints=False)
     return (out, last) if return_last_state else out
+
+
+def _forward(backend: Any, a: checks.ScanArgs, delta_softplus, discretization: str, keep_checkpoints: bool) -> tuple:
+    """``(out, last_state, residuals)`` of the validated arguments ``a``.
+
+    ``residuals`` are the backend's checkpoints for ``scan_bwd`` when ``keep_checkpoints``
+    and the backend keeps them (``SUPPORTS_RESIDUALS``), else None.
+    """
+    if a.seqlen == 0:
+        return a.u, _empty_scan_state(backend, a), None
+    args = (a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, bool(delta_softplus), a.initial_state, discretization)
+    if keep_checkpoints and getattr(backend.module, "SUPPORTS_RESIDUALS", False):
+        return backend.scan_fwd(*args, save_checkpoints=True)
+    return (*backend.scan_fwd(*args), None)
 
 
 def _empty_scan_state(backend: Any, a: checks.ScanArgs) -> Array:
@@ -194,16 +203,7 @@ def scan_with_vjp(
     and runs on the backend that was in force when ``scan_with_vjp`` was called.
     """
     backend, a, _ = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, discretization)
-    residuals = None
-    if a.seqlen == 0:
-        out, last = a.u, _empty_scan_state(backend, a)
-    else:
-        args = (a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, bool(delta_softplus), a.initial_state,
-                discretization)
-        if getattr(backend.module, "SUPPORTS_RESIDUALS", False):
-            out, last, residuals = backend.scan_fwd(*args, save_checkpoints=True)
-        else:
-            out, last = backend.scan_fwd(*args)
+    out, last, residuals = _forward(backend, a, delta_softplus, discretization, keep_checkpoints=True)
 
     def vjp(dout: Array, dlast_state: Array | None = None) -> ScanGrads:
         extra = checks.to_backend(backend, dout=dout, dlast_state=dlast_state)
