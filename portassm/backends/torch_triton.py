@@ -245,6 +245,29 @@ def _blocking(block_d: int, dim_per_group: int, dstate: int) -> tuple[int, int]:
     return block_d, max(1, min(8, block_d * lanes // 32))
 
 
+def _chain_chunks(k, S, P, first, ct, lay, batch, dim, chunks, dstate, reverse):
+    """The state entering every chunk (the adjoint with ``reverse``), (chunks, batch, dim, dstate).
+
+    ``S`` and ``P`` are each chunk's affine map ``h_out = P h_in + S`` from the first pass;
+    ``first`` is the state entering the sequence (the adjoint leaving it), or None for zeros.
+    """
+    entering = torch.empty_like(S)
+    k._chunk_combine_kernel[(lay["d_blocks"], batch)](
+        entering,
+        S,
+        P,
+        first.to(ct).contiguous() if first is not None else S,
+        dim,
+        chunks,
+        DSTATE=dstate,
+        BLOCK_D=lay["block_d"],
+        HAS_FIRST=first is not None,
+        REVERSE=reverse,
+        num_warps=lay["warps"],
+    )
+    return entering
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -325,21 +348,7 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
         S = torch.empty_like(h_final)
         P = torch.empty_like(h_final)
         k._scan_fwd_kernel[grid](*pointers, S, S, P, ckpt, *sizes, 0, 0, *options, STATE_ONLY=True, **common)
-        h_init = torch.empty_like(h_final)
-        first = initial_state.to(ct).contiguous() if initial_state is not None else S
-        k._chunk_combine_kernel[(lay["d_blocks"], batch)](
-            h_init,
-            S,
-            P,
-            first,
-            dim,
-            chunks,
-            DSTATE=dstate,
-            BLOCK_D=lay["block_d"],
-            HAS_FIRST=initial_state is not None,
-            REVERSE=False,
-            num_warps=lay["warps"],
-        )
+        h_init = _chain_chunks(k, S, P, initial_state, ct, lay, batch, dim, chunks, dstate, reverse=False)
         has_init = True
     else:
         h_init = initial_state.to(ct).contiguous() if initial_state is not None else h_final
@@ -431,21 +440,7 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
             ADJOINT_ONLY=True,
             **common,
         )
-        g_init = per_state()
-        first = dlast_state.to(ct).contiguous() if dlast_state is not None else S
-        k._chunk_combine_kernel[(d_blocks, batch)](
-            g_init,
-            S,
-            P,
-            first,
-            dim,
-            chunks,
-            DSTATE=dstate,
-            BLOCK_D=lay["block_d"],
-            HAS_FIRST=dlast_state is not None,
-            REVERSE=True,
-            num_warps=lay["warps"],
-        )
+        g_init = _chain_chunks(k, S, P, dlast_state, ct, lay, batch, dim, chunks, dstate, reverse=True)
         has_g = True
     else:
         g_init = dlast_state.to(ct).contiguous() if dlast_state is not None else dummy
