@@ -418,12 +418,11 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     )
     sizes = (dim, seqlen, chunk_len, ckpt.shape[1] if ckpt.ndim == 4 else 1, dim // groups, groups)
     dummy = _dummy(u, ct)
-    if chunks > 1:
-        S, P = per_state(), per_state()
+    def launch(g_in, g_out, decay, has_g_in, adjoint_only):
         k._scan_bwd_kernel[grid](
             *inputs,
             ckpt,
-            dummy,
+            g_in,
             scratch,
             du,
             ddelta,
@@ -433,38 +432,23 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
             dC,
             dD if dD is not None else dummy,
             dbias if dbias is not None else dummy,
-            S,
-            P,
+            g_out,
+            decay,
             *sizes,
-            0,
-            ADJOINT_ONLY=True,
+            int(has_g_in),
+            ADJOINT_ONLY=adjoint_only,
             **common,
         )
+
+    if chunks > 1:  # first pass: the adjoint leaving each chunk from zero, and its decay
+        S, P = per_state(), per_state()
+        launch(dummy, S, P, False, adjoint_only=True)
         g_init = _chain_chunks(k, S, P, dlast_state, ct, lay, batch, dim, chunks, dstate, reverse=True)
         has_g = True
     else:
         g_init = dlast_state.to(ct).contiguous() if dlast_state is not None else dummy
         has_g = dlast_state is not None
-    k._scan_bwd_kernel[grid](
-        *inputs,
-        ckpt,
-        g_init,
-        scratch,
-        du,
-        ddelta,
-        dz if dz is not None else du,
-        dA,
-        dB,
-        dC,
-        dD if dD is not None else dummy,
-        dbias if dbias is not None else dummy,
-        g_final,
-        dummy,
-        *sizes,
-        int(has_g),
-        ADJOINT_ONLY=False,
-        **common,
-    )
+    launch(g_init, g_final, dummy, has_g, adjoint_only=False)
 
     def bc_grad(part, vary, M):
         if not vary:
