@@ -258,6 +258,9 @@ def scan_step(
     new_state : array, (batch, dim, dstate), state's dtype
     """
     backend = get_backend()
+    fast = checks.native_step_args(backend, state, x, dt, A, B, C, D, z, dt_bias, discretization)
+    if fast is not None:  # decoding's usual case: nothing to convert, shapes as expected
+        return backend.scan_step(state, x, dt, A, fast[0], fast[1], D, z, dt_bias, bool(dt_softplus), discretization)
     a = checks.to_backend(backend, state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     B_, C_ = checks.step_args(
         a["state"], a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], discretization

@@ -58,6 +58,14 @@ def test_bad_step_inputs(backend, rng):
         portassm.scan_step(state[:1], x, x, A, B, B)
     with pytest.raises(ValueError, match="discretization must be one of"):
         portassm.scan_step(state, x, x, A, B, B, discretization="rk4")
+    # after a good call (the decoding fast path is warm), bad input still fails the same way
+    portassm.scan_step(state, x, x, A, B, B, to(np.ones(6)), x, to(np.ones(6)))
+    with pytest.raises(TypeError, match="dt must be a real floating array"):
+        portassm.scan_step(state, x, to(np.ones((2, 6), dtype=np.int64)), A, B, B)
+    with pytest.raises(ShapeError, match="D has dim 5 but x has dim 6"):
+        portassm.scan_step(state, x, x, A, B, B, to(np.ones(5)))
+    with pytest.raises(ShapeError, match="x must be 2-dimensional"):
+        portassm.scan_step(state, x[0], x[0], A, B, B)
 
 
 def test_bad_vjp_and_conv_inputs(backend, rng):
