@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers reference")
     parser.add_argument("--no-graph", action="store_true", help="on CUDA, decode step by step only (no CUDA graph rows)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile-step", action="store_true",
+                        help="cupy: where a decoding step's time goes (host and GPU time of the step and of its "
+                             "parts, cupyx.profiler.benchmark), then exit")
     return parser.parse_args(argv)
 
 
@@ -195,6 +198,77 @@ def transformers_runner(model, ids: np.ndarray, device: str, args) -> Runner:
     return Runner("transformers", prefill, generate, sync, ids.shape[0], ids.shape[1], args.new_tokens)
 
 
+def profile_step(config: MambaConfig, weights: dict, batches, repeats: int = 30) -> str:
+    """cupy: host (launch) and GPU time of one decoding step and of its parts, as a markdown table.
+
+    The generic step (CuPy operations and cuBLAS, what ``MambaLM.step`` runs without the
+    decoding kernels) is timed whole and operation by operation on layer 0; the step of the
+    decoding kernels whole (launched one by one, and one graph replay) and kernel by kernel.
+    """
+    from cupyx.profiler import benchmark
+
+    from portassm import ops
+    from portassm.model import _CupyGraphStep, _rms_norm
+
+    model = MambaLM(config, weights, backend="cupy")
+    decoder = model._decoder
+    xp = model.backend.namespace()
+    lines = ["| batch | what | host ms | GPU ms |", "|---|---|---|---|"]
+
+    def timed(batch, label, fn, n=repeats):
+        r = benchmark(fn, n_repeat=n, n_warmup=3)
+        lines.append(f"| {batch} | {label} | {np.median(r.cpu_times) * 1e3:.4f} | {np.median(r.gpu_times[0]) * 1e3:.4f} |")
+        print(lines[-1], flush=True)
+
+    for batch in batches:
+        ids = np.arange(batch, dtype=np.int64) * 7 + 1
+        cache = model.init_cache(batch)
+        model._decoder = None
+        timed(batch, "generic step, whole (CuPy operations, cuBLAS)", lambda: model.step(ids, cache), 10)
+        layer, (conv_state, ssm_state) = model._steps[0], cache[0]
+        c = config
+        h = xp.asarray(np.random.default_rng(0).normal(size=(batch, c.d_model)).astype(np.float32))
+        x = _rms_norm(xp, h, layer.norm, c.norm_eps)
+        xz = xp.matmul(x, layer.in_w)
+        xs, z = xz[:, :c.d_inner], xz[:, c.d_inner:]
+
+        def conv():
+            window = xp.concat([conv_state, xs[:, :, None]], axis=-1)
+            return ops._silu(xp, xp.sum(window * layer.conv_w, axis=-1) + layer.conv_b)
+
+        xc = conv()
+        x_dbl = xp.matmul(xc, layer.x_w)
+        dt = xp.matmul(x_dbl[:, :c.dt_rank], layer.dt_w)
+        B, C = x_dbl[:, None, c.dt_rank:c.dt_rank + c.d_state], x_dbl[:, None, c.dt_rank + c.d_state:]
+        y, _ = model.backend.module.scan_step(ssm_state, xc, dt, layer.A, B, C, layer.D, z, layer.dt_b, True, "mamba")
+        for label, fn in [
+            ("  layer 0: rms_norm", lambda: _rms_norm(xp, h, layer.norm, c.norm_eps)),
+            ("  layer 0: in_proj (cuBLAS)", lambda: xp.matmul(x, layer.in_w)),
+            ("  layer 0: conv step + SiLU (5 CuPy operations)", conv),
+            ("  layer 0: x_proj (cuBLAS)", lambda: xp.matmul(xc, layer.x_w)),
+            ("  layer 0: dt_proj (cuBLAS)", lambda: xp.matmul(x_dbl[:, :c.dt_rank], layer.dt_w)),
+            ("  layer 0: scan_step (portassm kernel)", lambda: model.backend.module.scan_step(
+                ssm_state, xc, dt, layer.A, B, C, layer.D, z, layer.dt_b, True, "mamba")),
+            ("  layer 0: out_proj (cuBLAS)", lambda: xp.matmul(y, layer.out_w)),
+            ("  head (cuBLAS, 154 MB at 130m)", lambda: xp.matmul(x, xp.matrix_transpose(model.lm_head))),
+        ]:
+            timed(batch, label, fn)
+        if decoder is None:
+            continue
+        model._decoder = decoder
+        timed(batch, "decode.cu step, whole, launched one by one", lambda: model.step(ids, cache), 10)
+        graph = _CupyGraphStep(model, batch)
+        graph.acquire(cache)
+        timed(batch, "decode.cu step, one graph replay", lambda: graph.step(ids))
+        graph.release()
+        own = decoder.new_cache(batch)
+        launches = decoder.launches(xp.asarray(ids), own, own, decoder.new_workspace(batch))
+        for name, kernel, grid, args, smem in launches[:5] + launches[-1:]:
+            timed(batch, f"  decode.cu {name} (grid {grid[0]})",
+                  lambda: kernel(grid, (256,), args, shared_mem=smem))
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
     reasons = portassm.available_backends()
     device = args.device
@@ -209,6 +283,13 @@ def main(args: argparse.Namespace) -> int:
     weights = MambaLM.random(config, seed=args.seed, backend="numpy").state_dict()
     print(f"# {args.size}-sized model (d_model {config.d_model}, {config.n_layer} layers, vocab {config.vocab_size}), "
           f"random weights in {time.perf_counter() - start:.1f} s", flush=True)
+    if args.profile_step:
+        table = profile_step(config, weights, args.batches)
+        out_dir = os.environ.get("OUT")
+        if out_dir:
+            with open(os.path.join(out_dir, "step_profile.md"), "w") as f:
+                f.write(table + "\n")
+        return 0
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, threads: {args.threads or 'default'}; "
           f"numpy {np.__version__}", flush=True)
 

@@ -417,9 +417,10 @@ class MambaLM:
     norm_f : array, (d_model,)
     lm_head : array, (vocab_size, d_model); the embedding itself when tied
     cuda_graph : bool
-        Decode with a CUDA graph of the whole step when the weights are torch tensors on
-        a CUDA GPU: default True (the cupy backend decodes step by step: CuPy allows no
-        cuBLAS call inside a graph capture). ``generate`` and ``stream`` take it per call.
+        Decode with a CUDA graph of the whole step when the weights are on a CUDA GPU
+        (torch tensors, or cupy arrays in float32 or float64, whose step runs the kernels
+        of ``backends/cupy_decode.py``): default True. ``generate`` and ``stream`` take it
+        per call.
 
     Treat the weight attributes as read-only: the decoding path keeps values derived
     from them at construction (``-exp(A_log)``, transposed views) and captures CUDA
@@ -471,6 +472,13 @@ class MambaLM:
             self._steps = [_LayerStep(xp, params, norm) for params, norm in zip(self.layers, self.norms)]
         self.cuda_graph = True
         self._graphs: dict[int, Any] = {}  # batch -> captured decoding step (None: capture failed)
+        # cupy: the decoding step in the kernels of backends/cuda_model/decode.cu (capturable in a graph)
+        self._decoder = None
+        if self.backend.name == "cupy":
+            from .backends import cupy_decode
+
+            if cupy_decode.unsupported(config, dtype) is None:
+                self._decoder = cupy_decode.Decoder(self)
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -650,6 +658,8 @@ class MambaLM:
             raise ValueError(f"token_ids must be 1-dimensional (batch,), got shape {ids.shape}")
         ids = self._check_ids(ids[:, None])[0]
         self._check_cache(cache, ids.shape[0])
+        if self._decoder is not None:
+            return self._decoder.step(ids[:, 0], cache)
         with self._on_backend() as xp:
             h = self._embed(xp, ids)[:, 0, :]
             new_cache: Cache = []
@@ -699,6 +709,8 @@ class MambaLM:
 
     def _graph_body(self, xp: Any, ids: Array, cache: Cache) -> Array:
         """One decoding step from device token ids, the cache updated in place: what a CUDA graph holds."""
+        if self._decoder is not None:
+            return self._decoder.step_in_place(ids, cache)
         h = self._embed_flat(xp, ids)
         return self._head(xp, self._step_layers(xp, h, cache, None))
 
@@ -748,8 +760,8 @@ class MambaLM:
         iterator stops when every sequence has.
 
         ``cuda_graph`` (default: the model's ``cuda_graph`` attribute, True) replays the
-        whole decoding step as one CUDA graph when the weights are torch tensors on a
-        CUDA GPU: the same kernels on the same data as :meth:`step`, without the
+        whole decoding step as one CUDA graph when the weights are on a CUDA GPU (torch,
+        or cupy in float32 or float64): the same kernels on the same data as :meth:`step`, without the
         cost of launching them one by one from Python. The graph is captured at the
         first use for a batch size and reused by later calls. If the capture fails, a
         warning says why and decoding goes on with :meth:`step`.
@@ -791,7 +803,7 @@ class MambaLM:
             return None
         if batch not in self._graphs:
             try:
-                graph = _TorchGraphStep(self, batch)
+                graph = (_CupyGraphStep if _graph_kind(self) == "cupy" else _TorchGraphStep)(self, batch)
                 graph.verify(self)
                 self._graphs[batch] = graph
             except Exception as exc:  # noqa: BLE001 - any failure of the capture: decode eagerly instead
@@ -863,14 +875,17 @@ class _LayerStep:
 
 
 def _graph_kind(model: MambaLM) -> str | None:
-    """"torch" when the model's weights are torch tensors on a CUDA GPU, else None.
+    """"torch" when the model's weights are torch tensors on a CUDA GPU, "cupy" when they
+    are cupy arrays decoded by the kernels of ``backends/cupy_decode.py``, else None.
 
-    The cupy backend decodes step by step: CuPy refuses cuBLAS calls (its matrix
+    The generic cupy step cannot be captured: CuPy refuses cuBLAS calls (its matrix
     products) inside a stream capture ("calling cuBLAS API during stream capture is
-    currently unsupported", H100, CuPy 14.2), so a graph of its step cannot be captured.
+    currently unsupported", H100, CuPy 14.2). The decoding kernels call no library.
     """
     if model.backend.name == "torch" and getattr(model.embedding, "is_cuda", False):
         return "torch"
+    if model.backend.name == "cupy" and model._decoder is not None:
+        return "cupy"
     return None
 
 
@@ -950,6 +965,48 @@ class _TorchGraphStep(_GraphStep):
     def step(self, tokens: np.ndarray) -> Array:
         self.ids.copy_(self._torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)))
         self.graph.replay()
+        return self.logits
+
+
+class _CupyGraphStep(_GraphStep):
+    """The decoding step of :mod:`portassm.backends.cupy_decode` captured in a ``cupy.cuda.Graph``.
+
+    The ids, the cache and the workspace (temporaries and logits) are allocated before the
+    capture and kept with the graph; the captured launches read and write only them.
+    """
+
+    def __init__(self, model: MambaLM, batch: int) -> None:
+        import cupy as cp
+
+        decoder = model._decoder
+        with model._on_backend(), cp.cuda.Device(decoder.device):
+            self.ids = cp.zeros(batch, dtype=cp.int64)
+            self.cache = decoder.new_cache(batch)
+            for conv, ssm in self.cache:
+                conv.fill(0)
+                ssm.fill(0)
+            self.work = decoder.new_workspace(batch)
+            self.stream = cp.cuda.Stream(non_blocking=True)  # a capture needs a stream of its own
+            self.stream.wait_event(cp.cuda.get_current_stream().record())  # the weights and buffers are written
+            with self.stream:
+                for _ in range(2):  # compile the kernels and set their attributes outside the capture
+                    decoder.run(self.ids, self.cache, self.cache, self.work)
+                self.stream.synchronize()
+                self.stream.begin_capture()
+                try:
+                    self.logits = decoder.run(self.ids, self.cache, self.cache, self.work)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        self.stream.end_capture()
+                    raise
+                self.graph = self.stream.end_capture()
+            self.stream.synchronize()
+        self._cp = cp
+
+    def step(self, tokens: np.ndarray) -> Array:
+        stream = self._cp.cuda.get_current_stream()
+        self.ids.set(np.ascontiguousarray(tokens, dtype=np.int64), stream=stream)
+        self.graph.launch(stream)  # after the ids on the same stream; what reads the logits comes after it
         return self.logits
 
 

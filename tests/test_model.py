@@ -30,6 +30,7 @@ from portassm.model import (  # noqa: E402
 )
 
 from .helpers import rel_err  # noqa: E402
+from .test_cupy import nvrtc  # noqa: E402, F401  (the NVRTC fixture: compiles .cu sources without a GPU)
 
 VOCAB = 56  # a multiple of 8, as mamba_ssm pads it
 PROMPT_LEN = 11
@@ -408,7 +409,7 @@ def test_graph_decoding_plumbing_on_the_host(peer, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["torch"])  # cupy: no graphs (CuPy allows no cuBLAS call in a capture)
+@pytest.mark.parametrize("name", ["torch", "cupy"])
 def test_cuda_graph_decoding_gives_the_eager_tokens(name, peer):
     _check_graph_decoding(_cuda_model(name, peer["path"]), peer)
 
@@ -452,7 +453,7 @@ def _check_graph_decoding(model, peer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["torch"])  # cupy: no graphs (CuPy allows no cuBLAS call in a capture)
+@pytest.mark.parametrize("name", ["torch", "cupy"])
 def test_two_streams_at_once_share_no_graph(name, peer):
     _check_two_streams(_cuda_model(name, peer["path"]), peer)
 
@@ -481,6 +482,89 @@ def test_cuda_graph_float64_and_eos(name, peer):
         model.generate(ids, NEW_TOKENS, temperature=0, eos_token_id=eos),
         model.generate(ids, NEW_TOKENS, temperature=0, eos_token_id=eos, cuda_graph=False),
     )
+
+
+# ------------------------------------------------------------------ the cupy backend's decoding kernels
+
+
+@pytest.mark.parametrize("ctype, tile", [("float", 1), ("float", 8), ("double", 2), ("double", 4)])
+def test_decoding_kernels_compile_with_nvrtc_for_sm90(nvrtc, ctype, tile):
+    from portassm.backends import cupy_decode
+
+    names = cupy_decode.kernel_names(ctype, tile)
+    ok, log = nvrtc.compile(cupy_decode.source(), "decode.cu", names,
+                            [*cupy_decode.NVRTC_OPTIONS, "--gpu-architecture=compute_90"])
+    assert ok, f"decode.cu {names} does not compile with NVRTC {nvrtc.version}:\n{log}"
+    assert "warning" not in log.lower(), log
+
+
+def test_decoding_kernel_launch_shapes():
+    from portassm.backends import cupy_decode
+
+    assert [cupy_decode.tile_rows(b) for b in (1, 2, 3, 5, 8, 9, 64)] == [1, 2, 4, 8, 8, 8, 8]
+    # warps per row: many rows (in_proj, the head) one or two, few rows (x_proj, out_proj) up to 8,
+    # never below one 16-byte vector per lane
+    assert cupy_decode._split(50280, 768, 4) == 1
+    assert cupy_decode._split(3072, 768, 4) == 2
+    assert cupy_decode._split(768, 1536, 4) == 8
+    assert cupy_decode._split(80, 1536, 4) == 8
+    assert cupy_decode._split(128, 32, 4) == 1
+    config = MambaConfig(d_model=32, n_layer=1, vocab_size=56, d_state=33)
+    assert "d_state 33" in cupy_decode.unsupported(config, "float32")
+    assert "float16" in cupy_decode.unsupported(MambaConfig(d_model=32, n_layer=1, vocab_size=56), "float16")
+    assert cupy_decode.unsupported(MambaConfig(d_model=32, n_layer=1, vocab_size=56), "float64") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float64", 1e-12)])
+def test_cupy_decoding_kernels_agree_with_the_generic_step(dtype, tol):
+    """Every form the kernels take: biases on the projections, no conv bias, d_conv 3, d_state
+    20 (a channel's 32 lanes, some idle), d_model 30 (rows that are no whole number of 16-byte
+    vectors), batch 1, 3 and 11 (above the 8 rows staged at once). The kernels' step, launched
+    one by one and replayed from a graph, against the CuPy-operations step."""
+    reason = portassm.available_backends()["cupy"]
+    if reason is not None:
+        pytest.skip(f"backend 'cupy' unavailable here: {reason}")
+    config = MambaConfig(d_model=30, n_layer=2, vocab_size=50, d_state=20, d_conv=3, bias=True, conv_bias=False)
+    weights = MambaLM.random(config, seed=4, backend="numpy").state_dict()
+    rng = np.random.default_rng(5)
+    for name in ("in_proj.bias", "out_proj.bias"):
+        for i in range(config.n_layer):
+            key = f"backbone.layers.{i}.mixer.{name}"
+            weights[key] = rng.normal(0.0, 0.5, weights[key].shape).astype(np.float32)
+    model = MambaLM(config, weights, backend="cupy", dtype=dtype)
+    assert model._decoder is not None and model_module._graph_kind(model) == "cupy"
+    generic = MambaLM(config, weights, backend="cupy", dtype=dtype)
+    generic._decoder = None  # the step of CuPy operations and cuBLAS
+    to_numpy = model.backend.to_numpy
+    for batch in (1, 3, 11):
+        ids = rng.integers(0, config.vocab_size, (batch, 7))
+        _, cache = model.forward(ids, return_cache=True)
+        mine, theirs = cache, cache
+        for t in range(3):
+            tokens = rng.integers(0, config.vocab_size, batch)
+            logits, mine = model.step(tokens, mine)
+            want, theirs = generic.step(tokens, theirs)
+            assert rel_err(to_numpy(logits), to_numpy(want)) <= tol
+            for (conv, ssm), (conv_w, ssm_w) in zip(mine, theirs):
+                assert rel_err(to_numpy(conv), to_numpy(conv_w)) <= tol
+                assert rel_err(to_numpy(ssm), to_numpy(ssm_w)) <= tol
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            graph = model._decoding_graph(batch)
+        assert isinstance(graph, model_module._CupyGraphStep)
+        graph.acquire(mine)
+        try:
+            for t in range(2):
+                tokens = rng.integers(0, config.vocab_size, batch)
+                replayed = to_numpy(graph.step(tokens))
+                logits, mine = model.step(tokens, mine)
+                np.testing.assert_array_equal(replayed, to_numpy(logits))  # the same kernels on the same data
+            for (conv, ssm), (conv_w, ssm_w) in zip(graph.cache, mine):
+                np.testing.assert_array_equal(to_numpy(ssm), to_numpy(ssm_w))
+                np.testing.assert_array_equal(to_numpy(conv), to_numpy(conv_w))
+        finally:
+            graph.release()
 
 
 # -------------------------------------------------------------------------------------- bad checkpoints
