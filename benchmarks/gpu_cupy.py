@@ -3,12 +3,17 @@
 Run on the GPU machine::
 
     python benchmarks/gpu_cupy.py            # the table; also written to $OUT/cupy_table.md
-    python benchmarks/gpu_cupy.py --variants # also each launch layout variant
+    python benchmarks/gpu_cupy.py --variants # also each kernel variant, at every size and dtype
 
-Every row is timed with the default layouts (cupy_cuda.configure(layout=None): "split"
-for scan, "lanes" for scan_vjp), then with "lanes" (one state per lane) and "split"
-(4 lanes per channel) everywhere, and the two layouts' outputs and gradients are
-compared (largest relative difference; float32 rounding expected).
+Every row times the default (cupy_cuda.configure(layout=None): the one-state-per-lane
+kernels wherever dstate allows) three ways: ``scan`` alone, ``scan`` then ``scan_vjp``
+(the backward recomputes its checkpoints), and ``scan_with_vjp`` then its ``vjp`` (the
+training path: the forward writes the checkpoints the backward reads). With
+``--variants`` each compile-time variant of scan.cu (VARIANTS) and the "split" layout
+are timed the same way on the same inputs, and their outputs and gradients compared
+with the split layout's (largest relative difference; float32 rounding expected).
+The modules of every variant are compiled first, in parallel processes, so that NVRTC
+time stays out of the timings and off the clock of the device call.
 
 The sizes and options are ANCHORS.md's: delta_softplus, z, D and delta_bias; A (dim,
 dstate) float32; B, C (batch, dstate, seqlen) in the dtype of u; D and delta_bias
@@ -38,23 +43,13 @@ OFFICIAL = {
 }
 OFFICIAL_STEP_US = 51.0
 
-# launch-layout variants: (label, configure options, preprocessor definitions of scan.cu)
+# compile-time variants of scan.cu: (label, configure options, preprocessor definitions)
 VARIANTS = (
-    ("lanes, no chunking", {"layout": "lanes", "min_threads": 1}, ()),
-    ("lanes, chunks of 512 steps", {"layout": "lanes", "chunk": 512}, ()),
-    ("lanes, chunks of 2048 steps", {"layout": "lanes", "chunk": 2048}, ()),
-    ("lanes fwd 6 blocks/SM (80 registers)", {"layout": "lanes"}, ("LS_MIN_BLOCKS=6",)),
-    ("lanes fwd 8 warps a block", {"layout": "lanes"}, ("LS_WARPS=8", "LS_MIN_BLOCKS=4")),
-    ("lanes bwd 8 warps a block, 2 blocks/SM", {"layout": "lanes"}, ("BW_WARPS=8", "BW_MIN_BLOCKS=2")),
-    ("lanes fwd, B/C tiles in shared memory", {"layout": "lanes"}, ("LS_BC_SMEM=1",)),
-    ("lanes fwd, B/C in shared memory, 8 warps", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_WARPS=8", "LS_MIN_BLOCKS=4")),
-    ("lanes fwd, B/C in shared memory, 6 blocks", {"layout": "lanes"}, ("LS_BC_SMEM=1", "LS_MIN_BLOCKS=6")),
-    ("lanes bwd, B/C tiles in shared memory", {"layout": "lanes"}, ("BW_BC_SMEM=1",)),
-    ("lanes-bwd layout, bwd B/C in shared memory", {"layout": "lanes-bwd"}, ("BW_BC_SMEM=1",)),
-    ("split, no chunking", {"layout": "split", "min_threads": 1}, ()),
-    ("split forward passes, lanes backward kernel", {"layout": "lanes-bwd"}, ()),
+    ("no register prefetch of the next tile (fwd, bwd)", {}, ("LS_PREFETCH=0", "BW_PREFETCH=0")),
+    ("fwd 3 blocks/SM (80 regs); bwd 8 warps, 2 blocks/SM", {}, ("LS_MIN_BLOCKS=3", "BW_WARPS=8", "BW_MIN_BLOCKS=2")),
+    ("fwd 4 warps, 8 blocks/SM; bwd B/C from L1/L2", {}, ("LS_WARPS=4", "LS_MIN_BLOCKS=8", "BW_BC_SMEM=0")),
+    ("split layout", {"layout": "split"}, ()),
 )
-VARIANT_SIZES = ((8, 1536, 2048, 16), (1, 1536, 16384, 16))
 
 
 def floors_ms(batch, dim, seqlen, dstate, itemsize):
@@ -127,26 +122,8 @@ def variant_differs(cp, portassm, x, dout, reference):
     return worst
 
 
-def layouts_differ(cp, portassm, x, dout):
-    """Largest relative difference between the "lanes" and "split" layouts over the
-    output, the last state and every gradient (each as max|a-b| / max|b|)."""
-    from portassm.backends import cupy_cuda
-
-    results = []
-    for layout in ("lanes", "split"):
-        cupy_cuda.configure(layout=layout)
-        out, last = portassm.scan(**x, delta_softplus=True, return_last_state=True)
-        grads = portassm.scan_vjp(dout, **x, delta_softplus=True)
-        results.append([a.astype(cp.float32) for a in (out, last, *grads) if a is not None])
-    cupy_cuda.configure(layout=None)
-    worst = 0.0
-    for a, b in zip(*results):
-        worst = max(worst, float(cp.abs(a - b).max() / cp.abs(b).max()))
-    return worst
-
-
-def bench_scan(cp, portassm, size, dtype_name, dtype, seed, inputs=None):
-    x, dout = inputs or scan_inputs(cp, size, dtype, seed)
+def bench_scan(cp, portassm, x, dout):
+    """Median ms of scan; scan then scan_vjp; scan_with_vjp then its vjp."""
 
     def fwd():
         return portassm.scan(**x, delta_softplus=True)
@@ -155,22 +132,40 @@ def bench_scan(cp, portassm, size, dtype_name, dtype, seed, inputs=None):
         portassm.scan(**x, delta_softplus=True)
         return portassm.scan_vjp(dout, **x, delta_softplus=True)
 
-    f_ms, _ = median_ms(fwd)
-    fb_ms, _ = median_ms(fwd_bwd, n_repeat=15, n_warmup=3)
-    return f_ms, fb_ms
-
-
-def bench_with_vjp(cp, portassm, x, dout):
-    """portassm.scan_with_vjp then its vjp (the backward reusing the forward's
-    checkpoints), median ms; None where portassm has no scan_with_vjp."""
-    if not hasattr(portassm, "scan_with_vjp"):
-        return None
-
-    def run():
+    def with_vjp():
         _, vjp = portassm.scan_with_vjp(**x, delta_softplus=True)
         return vjp(dout)
 
-    return median_ms(run, n_repeat=15, n_warmup=3)[0]
+    f_ms, _ = median_ms(fwd)
+    fb_ms, _ = median_ms(fwd_bwd, n_repeat=15, n_warmup=3)
+    wv_ms, _ = median_ms(with_vjp, n_repeat=15, n_warmup=3)
+    return f_ms, fb_ms, wv_ms
+
+
+def _compile_one(defines, storage):
+    """Compile (or load from CuPy's cache) scan.cu and step.cu for one variant: a worker process."""
+    from portassm.backends import cupy_cuda
+
+    cupy_cuda._defines = tuple(defines)
+    cupy_cuda._module("scan.cu", storage, "float", 4, 0, 16)
+    cupy_cuda._module("step.cu", storage, "float", None, 0)
+    return storage, defines
+
+
+def precompile(define_sets, storages=("float", "bf16_t")):
+    """Fill CuPy's kernel cache for every variant in parallel processes (NVRTC is single-threaded)."""
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    t = time.perf_counter()
+    jobs = [(tuple(d), st) for d in dict.fromkeys(define_sets) for st in storages]
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(len(jobs), os.cpu_count() or 4), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        for _ in pool.map(_compile_one, *zip(*jobs)):
+            pass
+    print(f"compiled {len(jobs)} modules in {time.perf_counter() - t:.1f} s", flush=True)
 
 
 def bench_step(cp, portassm, dtype, seed, batch=1, dim=1536, dstate=16):
@@ -191,9 +186,17 @@ def bench_step(cp, portassm, dtype, seed, batch=1, dim=1536, dstate=16):
         lambda: portassm.scan_step(state, x, dt, A, B2, C2, D, z, bias, True), n_repeat=2000, n_warmup=50
     )
     # launches back to back: the rate a decode loop sustains (CPU launch cost included)
+    y_out, s_out = cp.empty((batch, dim), dtype=x.dtype), cp.empty_like(state)
+    s_run = state.copy()  # advanced in place
+    loops = {
+        "kernel": lambda: cupy_cuda.scan_step(*kernel_args),
+        "kernel out=": lambda: cupy_cuda.scan_step(*kernel_args, out=(y_out, s_out)),
+        "kernel in place": lambda: cupy_cuda.scan_step(s_run, *kernel_args[1:], out=(y_out, s_run)),
+        "ops": lambda: portassm.scan_step(state, x, dt, A, B2, C2, D, z, bias, True),
+    }
     start, end = cp.cuda.Event(), cp.cuda.Event()
-    for fn, label in ((lambda: cupy_cuda.scan_step(*kernel_args), "kernel"),
-                      (lambda: portassm.scan_step(state, x, dt, A, B2, C2, D, z, bias, True), "ops")):
+    per_step = {}
+    for label, fn in loops.items():
         for _ in range(50):
             fn()
         start.record()
@@ -201,12 +204,9 @@ def bench_step(cp, portassm, dtype, seed, batch=1, dim=1536, dstate=16):
             fn()
         end.record()
         end.synchronize()
-        per = cp.cuda.get_elapsed_time(start, end) / 1000 * 1e3
-        print(f"  step {label:6s} back-to-back: {per:.2f} us/step", flush=True)
-        if label == "kernel":
-            loop_kernel = per
-        else:
-            loop_ops = per
+        per_step[label] = cp.cuda.get_elapsed_time(start, end) / 1000 * 1e3
+        print(f"  step {label:16s} back-to-back: {per_step[label]:.2f} us/step", flush=True)
+    loop_kernel, loop_ops = per_step["kernel"], per_step["ops"]
     # the GPU's own time per step: 100 steps captured in a CUDA graph and replayed
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
@@ -237,7 +237,7 @@ def bench_step(cp, portassm, dtype, seed, batch=1, dim=1536, dstate=16):
             cupy_cuda.scan_step(*kernel_args)
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(8)
-    return direct, via_ops, loop_kernel, loop_ops, graph_us
+    return direct, via_ops, loop_kernel, loop_ops, graph_us, per_step["kernel out="], per_step["kernel in place"]
 
 
 def step_host_parts(cp, cupy_cuda, kernel_args, n=3000):
@@ -285,8 +285,9 @@ def step_host_parts(cp, cupy_cuda, kernel_args, n=3000):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", action="store_true", help="also time the launch-layout variants")
+    parser.add_argument("--variants", action="store_true", help="also time the compile-time variants")
     parser.add_argument("--sizes", default="all", help="'all' or a comma list of indices into the size table")
+    parser.add_argument("--no-step", action="store_true", help="leave out the decoding step")
     args = parser.parse_args()
 
     import cupy as cp
@@ -295,6 +296,8 @@ def main() -> int:
     import portassm
     from portassm.backends import cupy_cuda
 
+    variants = (("default", {}, ()), *(VARIANTS if args.variants else ()))
+    precompile([d for _, _, d in variants])
     portassm.set_backend("cupy")
     dev = cp.cuda.Device()
     print(f"device: {cp.cuda.runtime.getDeviceProperties(dev.id)['name'].decode()}, cupy {cp.__version__}", flush=True)
@@ -302,73 +305,56 @@ def main() -> int:
     sizes = list(OFFICIAL)
     if args.sizes != "all":
         sizes = [sizes[int(i)] for i in args.sizes.split(",")]
-    rows = []
+    rows = []  # (size, dtype, variant label, fwd, fwd+scan_vjp, scan_with_vjp, diff)
     seed = 0
     for size in sizes:
         for name, dtype in dtypes.items():
             seed += 10
-            cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
-            try:
-                inputs = scan_inputs(cp, size, dtype, seed)
-                f_ms, fb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
-                cupy_cuda.configure(layout="lanes")
-                lf_ms, lfb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
-                cupy_cuda.configure(layout="split")
-                of_ms, ofb_ms = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
-                cupy_cuda.configure(layout=None)
-                diff = layouts_differ(cp, portassm, *inputs)
-                wv_ms = bench_with_vjp(cp, portassm, *inputs)
-                if wv_ms is not None:
-                    print(f"{size} {name}: scan_with_vjp + vjp {wv_ms:.3f} ms "
-                          f"({wv_ms / OFFICIAL[size][name][1]:.2f}x official fwd+bwd)", flush=True)
-            except Exception as exc:  # noqa: BLE001  (report and go on: one failure must not lose the other rows)
-                print(f"{size} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
-                cupy_cuda.configure(layout=None)
-                continue
-            off_f, off_fb = OFFICIAL[size][name]
-            floor_f, floor_fb = floors_ms(*size, np.dtype(dtype).itemsize)
-            rows.append((size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, lf_ms, lfb_ms, of_ms, ofb_ms, diff))
-            print(f"{size} {name}: forward {f_ms:.3f} ms ({f_ms / off_f:.2f}x official; lanes {lf_ms:.3f}, split "
-                  f"{of_ms:.3f}), fwd+bwd {fb_ms:.3f} ms ({fb_ms / off_fb:.2f}x; lanes {lfb_ms:.3f}, split "
-                  f"{ofb_ms:.3f}), lanes vs split max rel diff {diff:.1e}", flush=True)
-            if args.variants and size in VARIANT_SIZES and name == "float32":
-                cupy_cuda.configure(layout="split")
-                reference = scan_results(cp, portassm, *inputs)
-                for label, opts, defines in VARIANTS:
-                    cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
-                    cupy_cuda.configure(**opts)
-                    cupy_cuda._defines = defines
-                    try:
-                        vf, vfb = bench_scan(cp, portassm, size, name, dtype, seed, inputs)
-                        vdiff = variant_differs(cp, portassm, *inputs, reference)
-                        print(f"    variant {label:34s}: forward {vf:.3f} ms, fwd+bwd {vfb:.3f} ms, "
-                              f"max rel diff to split {vdiff:.1e}", flush=True)
-                    except Exception as exc:  # noqa: BLE001
-                        print(f"    variant {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
-                cupy_cuda._defines = ()
+            inputs = scan_inputs(cp, size, dtype, seed)
+            cupy_cuda.configure(chunk=None, min_threads=None, layout="split")
+            cupy_cuda._defines = ()
+            reference = scan_results(cp, portassm, *inputs) if args.variants else None
+            for label, opts, defines in variants:
                 cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
+                cupy_cuda.configure(**opts)
+                cupy_cuda._defines = defines
+                try:
+                    f_ms, fb_ms, wv_ms = bench_scan(cp, portassm, *inputs)
+                    diff = variant_differs(cp, portassm, *inputs, reference) if reference is not None else float("nan")
+                except Exception as exc:  # noqa: BLE001  (report and go on: one failure must not lose the other rows)
+                    print(f"{size} {name} {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                finally:
+                    cupy_cuda._defines = ()
+                    cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
+                off_f, off_fb = OFFICIAL[size][name]
+                rows.append((size, name, label, f_ms, fb_ms, wv_ms, diff))
+                print(f"{size} {name} {label:52s}: fwd {f_ms:.3f} ms ({f_ms / off_f:.2f}x), scan+scan_vjp {fb_ms:.3f} "
+                      f"({fb_ms / off_fb:.2f}x), scan_with_vjp+vjp {wv_ms:.3f} ({wv_ms / off_fb:.2f}x), "
+                      f"max rel diff to split {diff:.1e}", flush=True)
+            del inputs
     step_rows = []
-    for name, dtype in dtypes.items():
+    for name, dtype in dtypes.items() if not args.no_step else ():
         seed += 10
         try:
-            direct, via_ops, loop_kernel, loop_ops, graph_us = bench_step(cp, portassm, dtype, seed)
+            step_rows.append((name, *bench_step(cp, portassm, dtype, seed)))
         except Exception as exc:  # noqa: BLE001
             print(f"step {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
-            continue
-        step_rows.append((name, direct, via_ops, loop_kernel, loop_ops, graph_us))
 
     lines = [
         (
-            "| batch, dim, seqlen, dstate | dtype | forward ms | x official | x floor | fwd+bwd ms | x official "
-            "| x floor | lanes fwd ms | lanes fwd+bwd ms | split fwd ms | split fwd+bwd ms | lanes vs split |"
+            "| batch, dim, seqlen, dstate | dtype | variant | fwd ms | x official | x floor | scan + scan_vjp ms "
+            "| x official | scan_with_vjp + vjp ms | x official | x floor | vs split |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for size, name, f_ms, off_f, floor_f, fb_ms, off_fb, floor_fb, lf_ms, lfb_ms, of_ms, ofb_ms, diff in rows:
+    for size, name, label, f_ms, fb_ms, wv_ms, diff in rows:
+        off_f, off_fb = OFFICIAL[size][name]
+        floor_f, floor_fb = floors_ms(*size, 4 if name == "float32" else 2)
         lines.append(
-            f"| {', '.join(map(str, size))} | {name} | {f_ms:.3f} | {f_ms / off_f:.2f} | {f_ms / floor_f:.1f} | "
-            f"{fb_ms:.3f} | {fb_ms / off_fb:.2f} | {fb_ms / floor_fb:.1f} | {lf_ms:.3f} | {lfb_ms:.3f} | "
-            f"{of_ms:.3f} | {ofb_ms:.3f} | {diff:.1e} |"
+            f"| {', '.join(map(str, size))} | {name} | {label} | {f_ms:.3f} | {f_ms / off_f:.2f} | {f_ms / floor_f:.1f} "
+            f"| {fb_ms:.3f} | {fb_ms / off_fb:.2f} | {wv_ms:.3f} | {wv_ms / off_fb:.2f} | {wv_ms / floor_fb:.1f} "
+            f"| {diff:.1e} |"
         )
     lines += [
         "",
@@ -378,9 +364,11 @@ def main() -> int:
         ),
         "|---|---|---|---|---|---|---|",
     ]
-    for name, direct, via_ops, loop_kernel, loop_ops, graph_us in step_rows:
+    for name, direct, via_ops, loop_kernel, loop_ops, graph_us, loop_out, loop_inplace in step_rows:
         lines.append(f"| backend kernel (cupy_cuda.scan_step) | {name} | {direct[0] * 1e3:.1f} | {direct[1] * 1e3:.1f} | "
                      f"{loop_kernel:.1f} | {graph_us:.1f} | {OFFICIAL_STEP_US:.0f} |")
+        lines.append(f"| backend, out= given | {name} | | | {loop_out:.1f} | | {OFFICIAL_STEP_US:.0f} |")
+        lines.append(f"| backend, state advanced in place | {name} | | | {loop_inplace:.1f} | | {OFFICIAL_STEP_US:.0f} |")
         lines.append(f"| public portassm.scan_step (checks included) | {name} | {via_ops[0] * 1e3:.1f} | "
                      f"{via_ops[1] * 1e3:.1f} | {loop_ops:.1f} | | {OFFICIAL_STEP_US:.0f} |")
     table = "\n".join(lines)

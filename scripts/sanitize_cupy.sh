@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck over every kernel of the CuPy backend, at
-# small sizes: forward (whole and chunked), backward (whole and chunked), the chunk
-# combine, the decoding step; both layouts (one state per lane: dstate <= 32; split:
+# small sizes: forward (whole and chunked, with and without checkpoints), backward
+# (whole and chunked, recomputing or reusing checkpoints), the chunk combine, the
+# decoding step (allocating, and in place); both layouts (one state per lane: dstate <= 32; split:
 # dstate 33), shared-memory B/C tiles (one and two groups per block) and direct reads
 # (many groups), time-invariant B/C, float32, float64 and bfloat16.
 # Run on the GPU machine, from the repository root:  bash scripts/sanitize_cupy.sh
@@ -30,8 +31,16 @@ def run(batch, dim, seqlen, dstate, bc_shape, dtype, chunk, method="mamba"):
         Bt = B[..., 0] if len(bc_shape) == 3 else B[:, :, :, 0]
         Ct = C[..., 0] if len(bc_shape) == 3 else C[:, :, :, 0]
         portassm.scan_step(h0, u[..., 0], delta[..., 0], A, Bt, Ct, D, z[..., 0], bias, True, discretization=method)
+        if dtype == "float32" and len(bc_shape) == 3:  # the backend's step into given arrays, the state in place
+            y = cp.empty((batch, dim), dtype=cp.float32)
+            cupy_cuda.scan_step(h0, u[..., 0], delta[..., 0], A, B[:, None, :, 0], C[:, None, :, 0], D, z[..., 0], bias,
+                                True, method, out=(y, h0))
+    portassm.scan_with_vjp(u, delta, A, B, C, **kw)[1](dout)  # the forward's checkpoints reused
     cp.cuda.runtime.deviceSynchronize()
-for chunk in (None, 32):
+# the defaults (one state per lane where dstate <= 32, else split), then the split layout
+for layout in (None, "split"):
+  cupy_cuda.configure(layout=layout)
+  for chunk in (None, 32):
     run(2, 40, 70, 16, (2, 16, 70), "float32", chunk)              # one group, dim not a multiple of 32
     run(2, 96, 70, 5, (2, 2, 5, 70), "float64", chunk, "zoh")      # blocks spanning two groups
     run(1, 40, 50, 33, (1, 8, 33, 50), "float32", chunk, "bilinear")  # direct B/C reads, 8 states a thread
@@ -39,9 +48,10 @@ for chunk in (None, 32):
     run(2, 64, 70, 16, (2, 2, 16, 70), "float32", chunk, "zoh")    # one-state-per-lane backward, 2 groups
     run(2, 64, 72, 16, (2, 1, 16, 72), "float32", chunk)           # 16-byte B/C loads (seqlen % 4 == 0)
     run(2, 40, 70, 24, (2, 1, 24, 70), "float32", chunk)           # 32 lanes per channel
-# the one-state-per-lane kernels everywhere (scan's default is the split forward), and
-# the variants that stage B/C tiles in shared memory (blocks inside one group, across two)
-for defines in ((), ("LS_BC_SMEM=1", "BW_BC_SMEM=1")):
+# the one-state-per-lane kernels with the defaults (B/C tiles in shared memory, the next
+# tile prefetched) and with the benchmark's variant that reads B/C rows from L1/L2
+# without prefetch (blocks inside one group, across two and three)
+for defines in ((), ("LS_BC_SMEM=0", "BW_BC_SMEM=0", "LS_PREFETCH=0", "BW_PREFETCH=0")):
     cupy_cuda._defines = defines
     cupy_cuda.configure(layout="lanes")
     for chunk in (None, 32):

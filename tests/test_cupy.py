@@ -115,10 +115,15 @@ def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, np
     assert "warning" not in log.lower(), log
 
 
-def test_shared_memory_bc_variant_compiles(nvrtc):
-    """The benchmark's variants that stage B/C tiles in shared memory (-DLS_BC_SMEM=1, -DBW_BC_SMEM=1)."""
+@pytest.mark.parametrize("defines", [
+    ("LS_BC_SMEM=0", "BW_BC_SMEM=0"), ("LS_PREFETCH=0", "BW_PREFETCH=0"), ("LS_WARPS=4", "LS_MIN_BLOCKS=8"),
+    ("BW_WARPS=8", "BW_MIN_BLOCKS=2"),
+])
+def test_benchmark_variants_compile(nvrtc, defines):
+    """The benchmark's compile-time variants of the one-state-per-lane kernels (B/C rows
+    read from L1/L2 instead of shared memory, no register prefetch, other block shapes)."""
     names = cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16)
-    options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", "-DLS_BC_SMEM=1", "-DBW_BC_SMEM=1"]
+    options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", *(f"-D{d}" for d in defines)]
     ok, log = nvrtc.compile(cupy_cuda.kernel_sources()["scan.cu"], "scan.cu", names[-2:], options)
     assert ok, log
     assert "warning" not in log.lower(), log
@@ -351,3 +356,30 @@ def test_kernels_run_on_the_current_stream(cupy_backend, rng, chunk):
     for a, b in zip((*direct, *direct_grads), (*captured, *captured_grads)):
         if a is not None:
             assert bool(cp.array_equal(a, b))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_step_writes_into_out_and_in_place(cupy_backend, rng, dtype):
+    """scan_step(..., out=(y, new_state)) gives the results of the allocating call, also
+    with new_state the state itself (advanced in place); a wrong out is a ValueError."""
+    cp = cupy_cuda._cupy()
+    batch, dim, dstate = 3, 40, 16
+    f = lambda *shape: cp.asarray(rng.standard_normal(shape), dtype=dtype)
+    state, x, dt, z = f(batch, dim, dstate), f(batch, dim), f(batch, dim), f(batch, dim)
+    A = -cp.abs(f(dim, dstate)) - 0.3
+    B, C, D, bias = f(batch, 1, dstate), f(batch, 1, dstate), f(dim), f(dim)
+    args = (x, dt, A, B, C, D, z, bias, True, "mamba")
+    y_ref, s_ref = cupy_cuda.scan_step(state, *args)
+    y, s = cp.full((batch, dim), cp.nan, dtype=dtype), cp.full((batch, dim, dstate), cp.nan, dtype=dtype)
+    got = cupy_cuda.scan_step(state, *args, out=(y, s))
+    assert got[0] is y and got[1] is s
+    assert bool(cp.array_equal(y, y_ref)) and bool(cp.array_equal(s, s_ref))
+    running = state.copy()
+    y2, s2 = cupy_cuda.scan_step(running, *args, out=(cp.empty_like(y), running))
+    assert s2 is running
+    assert bool(cp.array_equal(y2, y_ref)) and bool(cp.array_equal(running, s_ref))
+    with pytest.raises(ValueError, match="out must be"):
+        cupy_cuda.scan_step(state, *args, out=(y[:, :-1], s))
+    with pytest.raises(ValueError, match="out must be"):
+        cupy_cuda.scan_step(state, *args, out=(y, s.astype(cp.float16)))

@@ -174,9 +174,8 @@ def configure(**options: Any) -> None:
         The kernels' thread layout: "lanes", one state per lane (16 or 32 lanes per
         channel; dstate <= 32), or "split", 4 lanes per channel each holding dstate / 4
         states (any dstate up to 64); "lanes-bwd": the lanes backward kernel, every
-        forward pass split. None (the default): the faster as measured on the H100
-        (docs/backends/cupy.md): "split" for ``scan_fwd``, "lanes" for ``scan_bwd`` (its
-        checkpoint pass and the backward kernel) where dstate allows.
+        forward pass split. None (the default): "lanes" where dstate allows, the faster
+        layout as measured on the H100 (docs/backends/cupy.md), else "split".
     """
     unknown = set(options) - set(_options)
     if unknown:
@@ -252,10 +251,6 @@ def to_numpy(x: Any) -> np.ndarray:
 # launching
 
 
-def _address(a: Any) -> int:
-    return 0 if a is None else a.data.ptr
-
-
 def _ptr(a: Any) -> np.uint64:
     return np.uint64(0 if a is None else a.data.ptr)
 
@@ -321,7 +316,7 @@ class _Scan:
     """The arguments of one scan, cast to the kernels' types, with its launch geometry."""
 
     def __init__(
-        self, u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(), lanes=False, chunk_len=None
+        self, u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(), chunk_len=None
     ):
         cp = _cupy()
         self.cp = cp
@@ -358,11 +353,11 @@ class _Scan:
         self.Cinv = None if gc else self.small(C)
         self.gspan = _group_span(self.dim, self.groups) if (gb or gc) else 1
         self.nblk = -(-self.dim // CH_BLOCK)
-        layout = _options["layout"] or ("lanes" if lanes else "split")
+        layout = _options["layout"] or "lanes"
         nl = _lanes(self.dstate)
         self.nl = nl if layout == "lanes" else None  # the forward passes' layout: lanes, or split (None)
         if nl is not None:
-            self.ls_threads = 32 * _define_int("LS_WARPS", 4)
+            self.ls_threads = 32 * _define_int("LS_WARPS", 8)
             self.ls_cpb = self.ls_threads // nl  # channels per block
             per = 16 // np.dtype(self.T).itemsize
             self.vec_bc = int(
@@ -614,7 +609,7 @@ def scan_bwd(
     arguments, which spare that forward pass.
     """
     s = _Scan(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(dout,), lanes=True,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, discretization, extra=(dout,),
         chunk_len=None if residuals is None else residuals.chunk_len,
     )
     s.softplus = bool(delta_softplus)
@@ -732,8 +727,9 @@ def _param_buffer() -> tuple[Any, int]:
 
         values = (ctypes.c_uint64 * _PARAMS)()
         pointers = (ctypes.c_void_p * _PARAMS)(*(ctypes.addressof(values) + 8 * i for i in range(_PARAMS)))
-        buf = _tls.params = (values, ctypes.addressof(pointers), pointers)
-    return buf[0], buf[1]
+        _tls.keep = pointers  # (the array of pointers lives as long as the thread)
+        buf = _tls.params = (values, ctypes.addressof(pointers))
+    return buf
 
 
 _pack = __import__("struct").Struct(f"<{_PARAMS}Q").pack_into
@@ -750,25 +746,31 @@ def _contiguous(*arrays) -> bool:
     return True
 
 
-def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization):
-    """One token: ``(y, new_state)``; the state given is not modified.
+def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization, *, out=None):
+    """One token: ``(y, new_state)``; the state given is not modified unless ``out`` says so.
+
+    out : (y, new_state) or None
+        Arrays to write the results into, C-contiguous, of the results' shapes and of the
+        dtypes of ``x`` and ``state`` (a ValueError otherwise); ``new_state`` may be
+        ``state`` itself (each element is read before it is written, by the same thread),
+        so a decoding loop can advance its state in place with no allocation at all.
 
     The launch path is kept thin (a decoding step is a few microseconds of GPU work): the
     plan is looked up by dtypes; when every array already has its kernel dtype and is
-    contiguous, nothing is converted; both outputs share one allocation from CuPy's
-    memory pool; the kernel is launched through the driver with a reused parameter
-    block, bypassing CuPy's per-argument packing.
+    contiguous, nothing is converted; without ``out``, both outputs share one allocation
+    from CuPy's memory pool; the kernel is launched through the driver with a reused
+    parameter block, bypassing CuPy's per-argument packing.
     """
     cp = _cp or _cupy()
     batch, dim = x.shape
     dstate = A.shape[1]
-    device = x.data.device_id
-    key = (x.dtype, state.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, B.ndim, C.ndim, _dtype_of(D), _dtype_of(z),
-           _dtype_of(dt_bias), discretization, dstate, device)
+    key = (x.dtype, state.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, B.ndim, C.ndim, None if D is None else D.dtype,
+           None if z is None else z.dtype, None if dt_bias is None else dt_bias.dtype, discretization, dstate,
+           x.data.device_id)
     plan = _step_plans.get(key)
     if plan is None:
         _states_per_thread(dstate)  # the same dstate limit as the scan
-        plan = _step_plans[key] = _StepPlan(x, state, dt, A, B, C, D, z, dt_bias, discretization, device)
+        plan = _step_plans[key] = _StepPlan(x, state, dt, A, B, C, D, z, dt_bias, discretization, key[-1])
     T, W = plan.T, plan.W
     if plan.exact and _contiguous(x, dt, z, B, C, state, A, D, dt_bias):
         x_, dt_, z_, B_, C_, state_, A_, D_, bias_ = x, dt, z, B, C, state, A, D, dt_bias
@@ -785,27 +787,41 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
 
         x_, dt_, z_, B_, C_ = io(x), io(dt), io(z), io(B), io(C)
         state_, A_, D_, bias_ = wc(state), wc(A), wc(D), wc(dt_bias)
-    # both outputs in one allocation: the state first, y at the next 256-byte boundary
-    n_state = batch * dim * dstate * W.itemsize
-    y_at = -(-n_state // 256) * 256
-    mem = cp.cuda.alloc(y_at + batch * dim * T.itemsize)
-    new_state = cp.ndarray((batch, dim, dstate), W, mem)
-    y = cp.ndarray((batch, dim), T, mem + y_at)
+    if out is not None:
+        y, new_state = out
+        if not (
+            plan.same_out and y.dtype == T and new_state.dtype == W and y.shape == (batch, dim)
+            and new_state.shape == (batch, dim, dstate) and y._c_contiguous and new_state._c_contiguous
+        ):
+            raise ValueError(
+                f"out must be (y, new_state), C-contiguous, of shapes {(batch, dim)} and {(batch, dim, dstate)} and "
+                f"dtypes {x.dtype} and {state.dtype}"
+                + ("" if plan.same_out else f" (and these inputs compute in {np.dtype(T)}, {np.dtype(W)}: no out here)")
+            )
+        y_ptr, s_ptr = y.data.ptr, new_state.data.ptr
+    else:
+        # both outputs in one allocation: the state first, y at the next 256-byte boundary
+        y_at = -(-(batch * dim * dstate * W.itemsize) // 256) * 256
+        mem = cp.cuda.alloc(y_at + batch * dim * T.itemsize)
+        new_state = cp.ndarray((batch, dim, dstate), W, mem)
+        y = cp.ndarray((batch, dim), T, mem + y_at)
+        s_ptr = mem.ptr
+        y_ptr = s_ptr + y_at
     # (groups, batch stride) of B and C: (batch, groups, dstate), or (dim, dstate) time-invariant
     gb, sb = (B_.shape[1], B_.shape[1] * dstate) if B_.ndim == 3 else (dim, 0)
     gc, sc = (C_.shape[1], C_.shape[1] * dstate) if C_.ndim == 3 else (dim, 0)
     threads = batch * dim * plan.nl
     if threads:
         values, pointers = _param_buffer()
-        p = _address
         _pack(
-            values, 0, p(state_), p(x_), p(dt_), p(z_), p(A_), p(B_), p(C_), p(D_), p(bias_), 1 if dt_softplus else 0,
-            mem.ptr, mem.ptr + y_at, batch, dim, dstate, gb, gc, sb, sc, plan.nl,
+            values, 0, state_.data.ptr, x_.data.ptr, dt_.data.ptr, 0 if z_ is None else z_.data.ptr, A_.data.ptr,
+            B_.data.ptr, C_.data.ptr, 0 if D_ is None else D_.data.ptr, 0 if bias_ is None else bias_.data.ptr,
+            1 if dt_softplus else 0, s_ptr, y_ptr, batch, dim, dstate, gb, gc, sb, sc, plan.nl,
         )
-        _driver().launchKernel(
+        _launch(
             plan.function, (threads + 127) // 128, 1, 1, 128, 1, 1, 0, cp.cuda.get_current_stream().ptr, pointers, 0
         )
-    if plan.same_out:
+    if plan.same_out or out is not None:
         return y, new_state
     if y.dtype != x.dtype:
         y = y.astype(x.dtype)
@@ -819,3 +835,10 @@ def _driver():
     from cupy_backends.cuda.api import driver
 
     return driver
+
+
+def _launch(*args):
+    """cuLaunchKernel through CuPy's driver binding (bound on first use)."""
+    global _launch
+    _launch = _driver().launchKernel
+    return _launch(*args)

@@ -601,15 +601,18 @@ __global__ void __launch_bounds__(THREADS, BWD_MIN_BLOCKS) scan_bwd_kernel(
 // state does not move, for every discretisation.
 // =================================================================================
 #ifndef LS_WARPS  // warps per block
-#define LS_WARPS 4
+#define LS_WARPS 8
 #endif
 #ifndef LS_MIN_BLOCKS  // blocks per multiprocessor the register allocation must allow (NL = 16, float)
-#define LS_MIN_BLOCKS 8
+#define LS_MIN_BLOCKS 4
+#endif
+#ifndef LS_PREFETCH  // 1: each lane loads its step of the next tile (u, delta, z) while this one is scanned
+#define LS_PREFETCH 1
 #endif
 // fewer for 32 lanes (twice the partials per lane) and for double (two registers a value)
 #define LS_BLOCKS(NL, W) (LS_MIN_BLOCKS * 16 / (NL) / (int)(sizeof(W) / 4) > 0 ? LS_MIN_BLOCKS * 16 / (NL) / (int)(sizeof(W) / 4) : 1)
 #ifndef LS_BC_SMEM  // 1: a block stages the B and C tiles of its first channel's group in shared memory
-#define LS_BC_SMEM 0  // once for all its warps (double-buffered, the next tile in flight in registers)
+#define LS_BC_SMEM 1  // once for all its warps (double-buffered, the next tile in flight in registers)
 #endif
 
 // the elements of one 16-byte word, widened (the tag argument picks the storage type)
@@ -767,6 +770,14 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
             if (WO && Csel) fetch_tile<NL, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, t_begin, nt0);
         }
 #endif
+#if LS_PREFETCH
+        T nu = T{}, nd = T{}, nz = T{};  // this lane's step of the next tile, in flight
+        if (dvalid && t_begin + n < t_end) {
+            nu = u[row + t_begin + n];
+            nd = delta[row + t_begin + n];
+            if (WO && z) nz = z[row + t_begin + n];
+        }
+#endif
         for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
             const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
             const bool tv = dvalid && n < nt;
@@ -791,11 +802,24 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
 #endif
             const long long t = t0 + n;
             W uu = W(0), dt = W(0), zz = W(0);
+#if LS_PREFETCH
+            if (tv) {
+                uu = widen(nu);
+                dt = widen(nd) + bias;
+                if (WO && z) zz = widen(nz);
+            }
+            if (dvalid && t + TT < t_end) {
+                nu = u[row + t + TT];
+                nd = delta[row + t + TT];
+                if (WO && z) nz = z[row + t + TT];
+            }
+#else
             if (tv) {
                 uu = widen(u[row + t]);
                 dt = widen(delta[row + t]) + bias;
                 if (WO && z) zz = widen(z[row + t]);
             }
+#endif
             W bv[TT], cv[TT];
 #if LS_BC_SMEM
             if (Bsel && bc_shared) read_row<TT>(bv, &s_bc[buf][0][n * RB]);
@@ -882,7 +906,10 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
 #define BW_MIN_BLOCKS 1
 #endif
 #ifndef BW_BC_SMEM  // 1: the block stages its group's B and C tiles in shared memory once for its
-#define BW_BC_SMEM 0  // 32 channels (double-buffered, the next tile in flight in registers)
+#define BW_BC_SMEM 1  // 32 channels (double-buffered, the next tile in flight in registers)
+#endif
+#ifndef BW_PREFETCH  // 1: each lane loads its step of the next tile down (u, delta, dout, z) and its
+#define BW_PREFETCH 1  // state's checkpoint while this tile is walked
 #endif
 template <typename T, typename W, int NL, int DISC>
 __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_kernel(
@@ -939,6 +966,20 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
         if (Csel) fetch_tile<NL, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tl, ntl);
     }
 #endif
+#if BW_PREFETCH
+    T pu = T{}, pd = T{}, po = T{}, pz = T{};  // this lane's step of the next tile down, in flight
+    W pck = W(0);
+    if (ntiles > 0) {
+        const long long tl = t_begin + (long long)(ntiles - 1) * TT;
+        if (dvalid && tl + n < t_end) {
+            pu = u[row + tl + n];
+            pd = delta[row + tl + n];
+            po = dout[row + tl + n];
+            if (z) pz = z[row + tl + n];
+        }
+        if (full && nvalid) pck = ckpt[(chan * nck + tl / CKPT_T) * dstate + n];
+    }
+#endif
     for (int it = ntiles - 1; it >= 0; --it) {
         const long long t0 = t_begin + (long long)it * TT;
         const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
@@ -964,12 +1005,31 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
 #endif
         // lane n stages step n
         W uu = W(0), v = W(0), go = W(0), zz = W(0);
+#if BW_PREFETCH
+        if (tv) {
+            uu = widen(pu);
+            v = widen(pd) + bias;
+            go = widen(po);
+            if (z) zz = widen(pz);
+        }
+        const W hck = pck;
+        if (it > 0) {  // the tile below is whole
+            if (dvalid) {
+                pu = u[row + t - TT];
+                pd = delta[row + t - TT];
+                po = dout[row + t - TT];
+                if (z) pz = z[row + t - TT];
+            }
+            if (full && nvalid) pck = ckpt[(chan * nck + (t0 - TT) / CKPT_T) * dstate + n];
+        }
+#else
         if (tv) {
             uu = widen(u[row + t]);
             v = widen(delta[row + t]) + bias;
             go = widen(dout[row + t]);
             if (z) zz = widen(z[row + t]);
         }
+#endif
         W bv[TT], cv[TT];
         if (full) {
 #if BW_BC_SMEM
@@ -994,7 +1054,9 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
 #if BW_BC_SMEM
         buf ^= 1;
 #endif
+#if !BW_PREFETCH
         const W hck = (full && nvalid) ? ckpt[(chan * nck + t0 / CKPT_T) * dstate + n] : W(0);
+#endif
         W dt = v, dsp = W(1), sz = W(1), dy = go;
         if (tv) {
             if (softplus_flag) {
@@ -1046,6 +1108,12 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
         }
         // the adjoint, backwards through the tile
         W qd[TT], qu[TT], rB[TT], rC[TT];
+#if BW_BC_SMEM
+        // each step's dB, dC terms go to shared memory as they come (the barrier at the
+        // tile's start ordered them after the previous tile's reads): fewer live registers
+        W* pb = s_red + (warp * NL + n) * RR;
+        W* pc = pb + BW_WARPS * NL * RR;
+#endif
 #pragma unroll
         for (int kk = TT - 1; kk >= 0; --kk) {
             const W a = sx[4 * kk], uk = sx[4 * kk + 1], yk = sx[4 * kk + 2];
@@ -1071,6 +1139,21 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
             }
             rC[kk] = yk * hs[kk];
             g *= as[kk];
+#if BW_BC_SMEM
+            if (!Bsel) dBi_acc += rB[kk];
+            if (!Csel) dCi_acc += rC[kk];
+            if (Bsel || Csel) {
+                W sb = rB[kk], sc = rC[kk];
+                if (CPW == 2) {
+                    sb += __shfl_xor_sync(0xffffffffu, sb, NL);
+                    sc += __shfl_xor_sync(0xffffffffu, sc, NL);
+                }
+                if (sub == 0) {
+                    pb[kk] = sb;
+                    pc[kk] = sc;
+                }
+            }
+#endif
         }
         // sums over the states: lane n gets step n's
         const W ddt_n = transpose_sum<NL>(qd, n);
@@ -1081,6 +1164,7 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
             dD_acc += dy * uu;
             dbias_acc += ddt_n * dsp;
         }
+#if !BW_BC_SMEM
         if (!Bsel) {
 #pragma unroll
             for (int kk = 0; kk < TT; ++kk) dBi_acc += rB[kk];
@@ -1089,7 +1173,9 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
 #pragma unroll
             for (int kk = 0; kk < TT; ++kk) dCi_acc += rC[kk];
         }
+#endif
         if (Bsel || Csel) {  // sums over the block's channels, in a fixed order
+#if !BW_BC_SMEM
             if (CPW == 2) {
 #pragma unroll
                 for (int kk = 0; kk < TT; ++kk) {
@@ -1107,6 +1193,7 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
                     pc[kk] = rC[kk];
                 }
             }
+#endif
             __syncthreads();
             for (int i = threadIdx.x; i < 2 * NL * TT; i += BW_WARPS * 32) {
                 const int isC = i / (NL * TT), nn = (i / TT) % NL, kk = i % TT;
