@@ -148,6 +148,10 @@ def portassm_runners(name: str, config: MambaConfig, weights: dict, ids: np.ndar
 
 def portassm_runner(label: str, model: MambaLM, ids: np.ndarray, args, cuda_graph: bool) -> Runner:
     sync = getattr(model.backend.module, "synchronize", None)
+    if sync is None and model.backend.name == "cupy":
+        import cupy
+
+        sync = lambda: cupy.cuda.get_current_stream().synchronize()  # noqa: E731
     if sync is None:  # no way to wait for queued device work: wait for the logits themselves
         sync = lambda: None  # noqa: E731
         prefill = lambda: model.backend.to_numpy(model.forward(ids, last_only=True))  # noqa: E731
@@ -208,6 +212,7 @@ def profile_step(config: MambaConfig, weights: dict, batches, repeats: int = 30)
     from cupyx.profiler import benchmark
 
     from portassm import ops
+    from portassm.backends import cupy_decode
     from portassm.model import _CupyGraphStep, _rms_norm
 
     model = MambaLM(config, weights, backend="cupy")
@@ -263,10 +268,38 @@ def profile_step(config: MambaConfig, weights: dict, batches, repeats: int = 30)
         graph.release()
         own = decoder.new_cache(batch)
         launches = decoder.launches(xp.asarray(ids), own, own, decoder.new_workspace(batch))
+        rows = {"in_proj": (2 * c.d_inner, c.d_model), "x_proj": (c.dt_rank + 2 * c.d_state, c.d_inner),
+                "out_proj": (c.d_model, c.d_inner), "head": (c.vocab_size, c.d_model)}
         for name, kernel, grid, args, smem in launches[:5] + launches[-1:]:
-            timed(batch, f"  decode.cu {name} (grid {grid[0]})",
-                  lambda: kernel(grid, (256,), args, shared_mem=smem))
+            splits = [int(args[-2])] + [s for s in (1, 2, 4, 8) if name in rows and s != int(args[-2])]
+            for split in splits:  # the one the decoder chose first, then the others
+                if name in rows:
+                    grid = (cupy_decode.gemv_grid(rows[name][0], split, decoder.sms),)
+                    args = args[:-2] + (np.int32(split), args[-1])
+                    tag = f"split {split}{' (chosen)' if split == splits[0] else ''}, "
+                else:
+                    tag = ""
+                ms = _kernel_ms(kernel, grid, args, smem)
+                lines.append(f"| {batch} |   decode.cu {name} ({tag}grid {grid[0]}), 20 in a graph | - | {ms:.4f} |")
+                print(lines[-1], flush=True)
     return "\n".join(lines)
+
+
+def _kernel_ms(kernel, grid, args, smem, n: int = 20) -> float:
+    """GPU ms of one launch: n launches captured in a graph, median of 20 replays, divided by n."""
+    import cupy
+    from cupyx.profiler import benchmark
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        kernel(grid, (256,), args, shared_mem=smem)
+        stream.synchronize()
+        stream.begin_capture()
+        for _ in range(n):
+            kernel(grid, (256,), args, shared_mem=smem)
+        graph = stream.end_capture()
+        r = benchmark(lambda: graph.launch(stream), n_repeat=20, n_warmup=3)
+    return float(np.median(r.gpu_times[0])) * 1e3 / n
 
 
 def main(args: argparse.Namespace) -> int:

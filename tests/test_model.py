@@ -509,6 +509,10 @@ def test_decoding_kernel_launch_shapes():
     assert cupy_decode._split(768, 1536, 4) == 8
     assert cupy_decode._split(80, 1536, 4) == 8
     assert cupy_decode._split(128, 32, 4) == 1
+    # batch 8: at least 4 rows a block share the staged input rows
+    assert cupy_decode._split(768, 1536, 4, tile=8) == 2
+    assert cupy_decode._split(3072, 768, 4, tile=8) == 2
+    assert cupy_decode._split(80, 1536, 4, tile=4) == 4
     config = MambaConfig(d_model=32, n_layer=1, vocab_size=56, d_state=33)
     assert "d_state 33" in cupy_decode.unsupported(config, "float32")
     assert "float16" in cupy_decode.unsupported(MambaConfig(d_model=32, n_layer=1, vocab_size=56), "float16")

@@ -64,13 +64,22 @@ def tile_rows(batch: int) -> int:
     return nb
 
 
-def _split(rows: int, K: int, V: int) -> int:
+def _split(rows: int, K: int, V: int, tile: int = 1) -> int:
     """Warps per output row: enough (warp, row) pairs for the GPU (about 4096), each warp at
-    least one 16-byte vector per lane."""
+    least one 16-byte vector per lane, and at least tile / 2 rows a block: every block stages
+    the tile's input rows (tile * K values) in shared memory, which pays only when several
+    rows of the matrix use them."""
     split = 1
-    while split < WARPS and rows * split < 4096 and K // (2 * split) >= 32 * V:
+    while (split < WARPS and rows * split < 4096 and K // (2 * split) >= 32 * V
+           and WARPS // (2 * split) >= tile // 2):
         split *= 2
     return split
+
+
+def gemv_grid(rows: int, split: int, sms: int) -> int:
+    """Blocks of a matrix-vector kernel: one (group of ``split`` warps) per row, at most 4 a
+    multiprocessor (the kernels loop over the rows beyond)."""
+    return min(-(-rows * split // WARPS), 4 * sms)
 
 
 class _Kernels:
@@ -200,8 +209,8 @@ class Decoder:
         kernels = _get_kernels(self.ctype, tile, self.device)
 
         def gemv(name: str, rows: int, K: int) -> tuple:
-            split = _split(rows, K, V)
-            blocks = min(-(-rows * split // WARPS), 4 * self.sms)
+            split = _split(rows, K, V, tile)
+            blocks = gemv_grid(rows, split, self.sms)
             smem = (tile * K + WARPS * tile) * item
             kernels.opt_in(name, smem)
             return (blocks,), smem, np.int32(split), np.int32(K % V == 0)
