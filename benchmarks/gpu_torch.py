@@ -18,7 +18,9 @@ warps, register caps and chunking; the backward's blocking, register cap and chu
 the first size and at batch 1), ``--quick`` (fewer repetitions), ``--precompile N`` (compile
 every configuration the run will time in N processes first: Triton's disk cache then serves
 the timed runs, so compiling stays out of the numbers and off the critical path),
-``--only-precompile``.
+``--only-precompile``, ``--gluon`` (the Gluon forward beside the Triton one at each size and
+dtype: forward, and forward+backward through autograd with the Gluon forward),
+``--gluon-variants`` (its warps, tile length and prefetch distance at the first size).
 """
 
 from __future__ import annotations
@@ -182,6 +184,14 @@ SWEEP = [
 
 _INVARIANT = [False]  # the sweep's diagnostic rows: time-invariant B, C
 
+#: the Gluon forward's variants (``--gluon-variants``), first size
+GLUON_VARIANTS = [
+    ("gluon, 2 warps a program", {"fwd_kernel": "gluon", "gluon_warps": 2}),
+    ("gluon, 8-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 8}),
+    ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
+    ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
+]
+
 
 def _configured(options):
     """The backend options for one job (the defaults, then ``options``; ``invariant``: B, C (dim, dstate))."""
@@ -227,12 +237,44 @@ def precompile(jobs, workers):
     print(f"precompiled {len(jobs)} configurations in {time.time() - t0:.0f} s ({failed} failed)", flush=True)
 
 
-def jobs_of(which, sweep):
+def jobs_of(which, sweep, gluon=False, gluon_variants=False):
     jobs = [("step", {}, -1, "float32", False)]
     jobs += [("scan", {}, i, d, True) for i in which for d in DTYPES]
     if sweep:
         jobs += [("scan", opts, i, d, both) for _, opts, i, dts, both in SWEEP for d in dts]
+    if gluon:
+        jobs += [("scan", {"fwd_kernel": "gluon"}, i, d, True) for i in which for d in DTYPES]
+    if gluon_variants:
+        jobs += [("scan", opts, 0, d, False) for _, opts in GLUON_VARIANTS for d in DTYPES]
     return jobs
+
+
+def gluon_compare(which, quick, variants):
+    """The Triton and the Gluon forward side by side (same run), and fwd+bwd with the Gluon forward."""
+    lines = [
+        "| batch, dim, seqlen, dstate | dtype | forward | fwd ms (vs official) | fwd+bwd ms (vs official) |",
+        "|---|---|---|---|---|",
+    ]
+    rows = [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES
+            for name, opts in (("triton", {}), ("gluon", {"fwd_kernel": "gluon"}))]
+    if variants:
+        rows += [(SIZES[0], d, name, opts, False) for name, opts in GLUON_VARIANTS for d in DTYPES]
+    for size, dtype_name, name, opts, both in rows:
+        _configured(opts)
+        try:
+            fwd, both_ms, _, _ = time_scan(size, dtype_name, quick, both and name != "triton")
+        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the others
+            lines.append(f"| {', '.join(map(str, size))} | {dtype_name} | {name} | failed: {e!r} |"[:400])
+            print(lines[-1], flush=True)
+            continue
+        off_f, off_b = OFFICIAL[(size, dtype_name)]
+        b_txt = f"{both_ms:.3f} ({both_ms / off_b:.2f}x)" if both_ms == both_ms else "-"
+        lines.append(
+            f"| {', '.join(map(str, size))} | {dtype_name} | {name} | {fwd:.3f} ({fwd / off_f:.2f}x) | {b_txt} |"
+        )
+        print(lines[-1], flush=True)
+    _configured({})
+    return lines
 
 
 def run_sizes(which, quick):
@@ -337,13 +379,29 @@ def main():
     parser.add_argument("--no-step", action="store_true")
     parser.add_argument("--precompile", type=int, default=0, metavar="N", help="compile in N processes first")
     parser.add_argument("--only-precompile", action="store_true")
+    parser.add_argument("--gluon", action="store_true", help="only the Gluon forward beside the Triton one")
+    parser.add_argument("--gluon-variants", action="store_true")
     args = parser.parse_args()
     which = [int(i) for i in args.sizes.split(",") if i]
     if args.precompile:
-        precompile(jobs_of(which, args.sweep), args.precompile)
+        gl_jobs = args.gluon or args.gluon_variants
+        jobs = jobs_of(which, args.sweep, args.gluon, args.gluon_variants)
+        if gl_jobs:  # the Gluon comparison times no decode step and no default fwd+bwd
+            jobs = [j for j in jobs if j[0] == "scan" and (j[1] or not j[4])] + [
+                ("scan", {}, i, d, False) for i in which for d in DTYPES
+            ]
+        precompile(jobs, args.precompile)
     if args.only_precompile:
         return
     portassm.set_backend("torch")
+    if args.gluon or args.gluon_variants:
+        text = "\n".join(gluon_compare(which if args.gluon else [], args.quick, args.gluon_variants))
+        print()
+        print(text, flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "torch_gluon.md"), "w") as f:
+                f.write(text + "\n")
+        return
     step = None if args.no_step else time_step(args.quick)
     if step:
         print(f"step: public {step[0]:.1f} µs, backend {step[1]:.1f} µs, graph {step[2]:.1f} µs", flush=True)

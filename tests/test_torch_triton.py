@@ -307,6 +307,59 @@ def test_gpu_forward_variants(torch_backend, rng):
                 assert rel_err(_np(last), ref_last) <= TOLERANCE["float32"], (variant, min_warps)
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["mamba", "zoh", "bilinear"])
+def test_gpu_gluon_forward(torch_backend, rng, method):
+    """The Gluon forward (``fwd_kernel="gluon"``) against the oracle, whole and chunked.
+
+    Forward, last state and, through the checkpoints it keeps, every gradient of the Triton
+    backward (grouped B, C, float32); then the forward alone with and without options and
+    softplus, at dstate 3 (padded to 4), 4, 8, 32 and 64, with 2 warps a program and 8-step
+    tiles; an initial state; 16-bit inputs.
+    """
+    torch_triton.configure(fwd_kernel="gluon")
+    grouped = make_case(rng, batch=2, dim=96, seqlen=300, dstate=16, form="grouped", groups=3, discretization=method)
+    forward_cases = [
+        (make_case(rng, batch=2, dim=64, seqlen=150, dstate=n, discretization=method, options=o, softplus=o), cfg)
+        for n, o, cfg in [
+            (16, False, {}),
+            (3, True, {}),
+            (4, True, {}),
+            (8, False, {}),
+            (32, True, {}),
+            (64, True, {}),
+            (16, True, {"gluon_warps": 2}),
+            (16, True, {"gluon_steps": 8}),
+        ]
+    ]
+    for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
+        torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps, gluon_warps=1, gluon_steps=16)
+        _check_cuda(grouped.astype("float32"), "float32", rng)
+        for case, cfg in forward_cases:
+            torch_triton.configure(gluon_warps=1, gluon_steps=16, **cfg)
+            case = case.astype("float32")
+            kw = _tensors(case, "cuda")
+            out, last = portassm.scan(**kw, return_last_state=True)
+            ref_out, ref_last = oracle_forward(case)
+            where = (case.A.shape, cfg, min_warps)
+            assert rel_err(_np(out), ref_out) <= TOLERANCE["float32"], where
+            assert rel_err(_np(last), ref_last) <= TOLERANCE["float32"], where
+    torch_triton.configure(gluon_warps=1, gluon_steps=16)
+    for dtype in (torch.bfloat16, torch.float16):
+        case = make_case(rng, batch=2, dim=64, seqlen=200, dstate=16, discretization=method)
+        args = _tensors(case, "cuda", dtype=dtype)
+        rounded = case.astype(np.float64)
+        for name, t in args.items():
+            if isinstance(t, torch.Tensor):
+                setattr(rounded, name, t.double().cpu().numpy())
+        out, last = portassm.scan(**args, return_last_state=True)
+        assert out.dtype == dtype
+        ref_out, ref_last = oracle_forward(rounded)
+        assert rel_err(_np(out), ref_out) <= TOLERANCE["bfloat16"], dtype
+        assert rel_err(_np(last), ref_last) <= 1e-5, dtype
+
+
 def _check_cuda(case, dtype, rng):
     args = _tensors(case, "cuda", requires_grad=True)
     out, last = portassm.scan(**args, return_last_state=True)

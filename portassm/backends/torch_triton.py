@@ -48,6 +48,10 @@ _options: dict[str, Any] = {
     # twice as many warps (default 8 per SM)
     "bwd_min_warps": None,  # backward: below this many warps, chunks enough for as many (default 16 per SM)
     "maxnreg": None,  # register cap of the forward kernel (None: the compiler's choice)
+    "fwd_kernel": "triton",  # "gluon": the Gluon forward (explicit layouts, tiles staged in shared memory)
+    # where it applies (CUDA, selective B and C, float32 compute, dstate 4..64); "triton" otherwise
+    "gluon_warps": 1,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
+    "gluon_steps": 16,  # tile length of the Gluon forward
     "bwd_maxnreg": None,  # register cap of the backward kernel
 }
 
@@ -59,12 +63,15 @@ def probe() -> str | None:
 def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
-    ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``; unknown names are a TypeError."""
+    ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
+    ``gluon_warps``, ``gluon_steps``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
     if options.get("kernels", "auto") not in ("auto", "triton", "torch"):
         raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {options['kernels']!r}")
+    if options.get("fwd_kernel", "triton") not in ("triton", "gluon"):
+        raise ValueError(f"fwd_kernel must be 'triton' or 'gluon', got {options['fwd_kernel']!r}")
     _options.update(options)
 
 
@@ -302,6 +309,47 @@ def _fwd_flags(method, B_vary, C_vary, ct, on_gpu):
     }
 
 
+def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary, device):
+    """The Gluon forward's blocking and chunks, or None where it does not apply (the Triton forward runs).
+
+    It serves selective B and C (packed together in float32) with float32 compute and a
+    power-of-two dstate of 4 to 64: SPT = 4 states a lane, dstate/4 lanes a channel,
+    32·4/dstate channels a warp; a program's channels lie within one group.
+    """
+    if _options["fwd_kernel"] != "gluon" or not (B_vary and C_vary) or ct != torch.float32:
+        return None
+    if dstate not in (4, 8, 16, 32, 64):
+        return None
+    spt = 4
+    lpc = dstate // spt
+    warps = _options["gluon_warps"]
+    block_d = (32 // lpc) * warps
+    steps, ck = _options["gluon_steps"], _options["ck"]
+    if dim_per_group % block_d or steps % lpc or ck % steps or steps & (steps - 1):
+        return None
+    threshold = _options["min_warps"] or 8 * _n_sm(device)
+    chunks, chunk_len = _chunking(batch * (dim // block_d), warps, seqlen, ck, threshold, 2 * threshold)
+    return {
+        "block_d": block_d,
+        "warps": warps,
+        "ck": ck,
+        "steps": steps,
+        "d_blocks": dim // block_d,
+        "chunks": chunks,
+        "chunk_len": chunk_len,
+        "gluon": {"SPT": spt, "LPC": lpc, "W": warps, "STEPS": steps, "BCT": min(32, 2 * dstate // 4)},
+    }
+
+
+def _bc_packed(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """(batch, groups, dstate, seqlen) B and C -> (batch, groups, seqlen, 2, dstate) float32, one row a step."""
+    batch, groups, dstate, seqlen = B.shape
+    bc = torch.empty(batch, groups, seqlen, 2, dstate, dtype=torch.float32, device=B.device)
+    bc[:, :, :, 0, :].copy_(B.transpose(-1, -2))
+    bc[:, :, :, 1, :].copy_(C.transpose(-1, -2))
+    return bc
+
+
 def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, method, keep_ckpt):
     """Returns out, last_state and, with keep_ckpt, what the backward needs (checkpoints, layout)."""
     k = _kernels()
@@ -311,34 +359,57 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
     u, delta = u.contiguous(), delta.contiguous()
     z = None if z is None else z.contiguous()
     A = A.contiguous()
-    Bt, B_vary = _bc_form(B)
-    Ct, C_vary = _bc_form(C)
+    B_vary, C_vary = B.ndim == 4, C.ndim == 4
     groups = B.shape[1] if B_vary else (C.shape[1] if C_vary else 1)
-    lay = _layout(batch, dim, seqlen, dim // groups, u.device, dstate)
+    lay = _gluon_layout(batch, dim, seqlen, dim // groups, dstate, ct, B_vary, C_vary, u.device)
+    if lay is None:
+        lay = _layout(batch, dim, seqlen, dim // groups, u.device, dstate)
+    gluon = lay.get("gluon")
+    Bt = Ct = None
+    if gluon is None or keep_ckpt:  # the Triton kernels read B, C as (batch, groups, seqlen, dstate)
+        Bt, _ = _bc_form(B)
+        Ct, _ = _bc_form(C)
     chunks, chunk_len = lay["chunks"], lay["chunk_len"]
     n_ckpt = _cdiv(seqlen, lay["ck"])
     out = torch.empty_like(u)
     h_final = torch.empty(chunks, batch, dim, dstate, dtype=ct, device=u.device)
     ckpt = torch.empty(batch, n_ckpt, dim, dstate, dtype=ct, device=u.device) if keep_ckpt else _dummy(u, ct)
     grid = (lay["d_blocks"], batch, chunks)
-    common = dict(
-        DSTATE=dstate,
-        BLOCK_D=lay["block_d"],
-        STEPS=lay["steps"],
-        CK=lay["ck"],
-        num_warps=lay["warps"],
-        **_fwd_flags(method, B_vary, C_vary, ct, u.is_cuda),
-    )
-    if _options["maxnreg"] and u.is_cuda:
-        common["maxnreg"] = _options["maxnreg"]
+    if gluon is None:
+        kernel = k._scan_fwd_kernel
+        common = dict(
+            DSTATE=dstate,
+            BLOCK_D=lay["block_d"],
+            STEPS=lay["steps"],
+            CK=lay["ck"],
+            num_warps=lay["warps"],
+            **_fwd_flags(method, B_vary, C_vary, ct, u.is_cuda),
+        )
+        if _options["maxnreg"] and u.is_cuda:
+            common["maxnreg"] = _options["maxnreg"]
+        bc = (Bt, Ct)
+    else:
+        from . import gluon_kernels  # imported on first use, like the Triton kernels
+
+        kernel = gluon_kernels._scan_fwd_gluon
+        common = dict(
+            DSTATE=dstate,
+            CK=lay["ck"],
+            MODE=k.MODES[method],
+            # inline assembly (prefetch hints, the bare exp2) only where compiled for a GPU
+            PF=2 * _options["prefetch"] if u.is_cuda else 0,
+            FAST=u.is_cuda,
+            num_warps=lay["warps"],
+            **gluon,
+        )
+        bc = (_bc_packed(B, C),)
     pointers = (
         u,
         delta,
         z if z is not None else u,
         out,
         A,
-        Bt,
-        Ct,
+        *bc,
         D if D is not None else A,
         delta_bias if delta_bias is not None else A,
     )
@@ -347,13 +418,13 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
     if chunks > 1:
         S = torch.empty_like(h_final)
         P = torch.empty_like(h_final)
-        k._scan_fwd_kernel[grid](*pointers, S, S, P, ckpt, *sizes, 0, 0, *options, STATE_ONLY=True, **common)
+        kernel[grid](*pointers, S, S, P, ckpt, *sizes, 0, 0, *options, STATE_ONLY=True, **common)
         h_init = _chain_chunks(k, S, P, initial_state, ct, lay, batch, dim, chunks, dstate, reverse=False)
         has_init = True
     else:
         h_init = initial_state.to(ct).contiguous() if initial_state is not None else h_final
         has_init = initial_state is not None
-    k._scan_fwd_kernel[grid](
+    kernel[grid](
         *pointers,
         h_init,
         h_final,
