@@ -26,6 +26,7 @@ dtype: forward, and forward+backward through autograd with the Gluon forward),
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -255,8 +256,12 @@ def gluon_compare(which, quick, variants):
         "| batch, dim, seqlen, dstate | dtype | forward | fwd ms (vs official) | fwd+bwd ms (vs official) |",
         "|---|---|---|---|---|",
     ]
-    rows = [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES
-            for name, opts in (("triton", {}), ("gluon", {"fwd_kernel": "gluon"}))]
+    rows = [
+        (SIZES[i], d, name, opts, True)
+        for i in which
+        for d in DTYPES
+        for name, opts in (("triton", {}), ("gluon", {"fwd_kernel": "gluon"}))
+    ]
     if variants:
         rows += [(SIZES[0], d, name, opts, False) for name, opts in GLUON_VARIANTS for d in DTYPES]
     for size, dtype_name, name, opts, both in rows:
@@ -268,7 +273,7 @@ def gluon_compare(which, quick, variants):
             print(lines[-1], flush=True)
             continue
         off_f, off_b = OFFICIAL[(size, dtype_name)]
-        b_txt = f"{both_ms:.3f} ({both_ms / off_b:.2f}x)" if both_ms == both_ms else "-"
+        b_txt = f"{both_ms:.3f} ({both_ms / off_b:.2f}x)" if not math.isnan(both_ms) else "-"
         lines.append(
             f"| {', '.join(map(str, size))} | {dtype_name} | {name} | {fwd:.3f} ({fwd / off_f:.2f}x) | {b_txt} |"
         )

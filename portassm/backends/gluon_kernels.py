@@ -197,7 +197,6 @@ def _scan_fwd_gluon(
     # the packed B, C rows of a tile, (STEPS, 2·DSTATE), 4 a lane
     LG: gl.constexpr = gl.BlockedLayout([1, ROW // BCT], [32 // BCT, BCT], [W, 1], [1, 0])
     # shared memory, unswizzled; a layout of lower rank than its buffer leaves leading buffer axes
-    PLAIN1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
 
@@ -278,9 +277,8 @@ def _scan_fwd_gluon(
             dt = pre
         dt = gl.where(mask, dt, 0.0)  # a step past the end is a no-op: Abar = 1, no input
         u = u_cur.to(gl.float32)
-        if STATE_ONLY:
-            if MODE != 2:
-                dtsum += gl.sum(dt, axis=1)
+        if STATE_ONLY and MODE != 2:
+            dtsum += gl.sum(dt, axis=1)
         if MODE == 0:
             xs.index(0).store(dt * LOG2E)
             xs.index(1).store(dt * u)

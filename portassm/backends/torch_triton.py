@@ -489,6 +489,7 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     )
     sizes = (dim, seqlen, chunk_len, ckpt.shape[1] if ckpt.ndim == 4 else 1, dim // groups, groups)
     dummy = _dummy(u, ct)
+
     def launch(g_in, g_out, decay, has_g_in, adjoint_only):
         k._scan_bwd_kernel[grid](
             *inputs,
