@@ -505,13 +505,12 @@ def test_decoding_kernel_launch_shapes():
     # warps per row: many rows (in_proj, the head) one or two, few rows (x_proj, out_proj) up to 8,
     # never below one 16-byte vector per lane
     assert cupy_decode._split(50280, 768, 4) == 1
-    assert cupy_decode._split(3072, 768, 4) == 2
-    assert cupy_decode._split(768, 1536, 4) == 8
+    assert cupy_decode._split(3072, 768, 4) == 1
+    assert cupy_decode._split(768, 1536, 4) == 4
     assert cupy_decode._split(80, 1536, 4) == 8
     assert cupy_decode._split(128, 32, 4) == 1
     # batch 8: at least 4 rows a block share the staged input rows
     assert cupy_decode._split(768, 1536, 4, tile=8) == 2
-    assert cupy_decode._split(3072, 768, 4, tile=8) == 2
     assert cupy_decode._split(80, 1536, 4, tile=4) == 4
     config = MambaConfig(d_model=32, n_layer=1, vocab_size=56, d_state=33)
     assert "d_state 33" in cupy_decode.unsupported(config, "float32")
@@ -519,17 +518,26 @@ def test_decoding_kernel_launch_shapes():
     assert cupy_decode.unsupported(MambaConfig(d_model=32, n_layer=1, vocab_size=56), "float64") is None
 
 
+_DECODING_FORMS = {
+    # biases on the projections, no conv bias, d_conv 3, d_state 20 (a channel's 32 lanes, some
+    # idle), d_model 30 (rows that are no whole number of 16-byte vectors)
+    "odd": dict(d_model=30, n_layer=2, vocab_size=50, d_state=20, d_conv=3, bias=True, conv_bias=False),
+    # 16-byte vectors everywhere, 2 and 4 warps sharing a row (in_proj, out_proj, head)
+    "vectors": dict(d_model=256, n_layer=2, vocab_size=300, d_state=16, bias=True),
+}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", list(_DECODING_FORMS))
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("float64", 1e-12)])
-def test_cupy_decoding_kernels_agree_with_the_generic_step(dtype, tol):
-    """Every form the kernels take: biases on the projections, no conv bias, d_conv 3, d_state
-    20 (a channel's 32 lanes, some idle), d_model 30 (rows that are no whole number of 16-byte
-    vectors), batch 1, 3 and 11 (above the 8 rows staged at once). The kernels' step, launched
-    one by one and replayed from a graph, against the CuPy-operations step."""
+def test_cupy_decoding_kernels_agree_with_the_generic_step(dtype, tol, form):
+    """Every form the kernels take, at batch 1, 3 and 11 (above the 8 rows staged at once):
+    the kernels' step, launched one by one and replayed from a graph, against the step of
+    CuPy operations and cuBLAS."""
     reason = portassm.available_backends()["cupy"]
     if reason is not None:
         pytest.skip(f"backend 'cupy' unavailable here: {reason}")
-    config = MambaConfig(d_model=30, n_layer=2, vocab_size=50, d_state=20, d_conv=3, bias=True, conv_bias=False)
+    config = MambaConfig(**_DECODING_FORMS[form])
     weights = MambaLM.random(config, seed=4, backend="numpy").state_dict()
     rng = np.random.default_rng(5)
     for name in ("in_proj.bias", "out_proj.bias"):

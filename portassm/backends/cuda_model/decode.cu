@@ -39,29 +39,50 @@ template <typename T> PA_DEV T warp_sum(T v) {
     return v;
 }
 
-// Rows j < nb of xs (NB rows of K) = rms_norm(h[j]) * w; rows nb..NB-1 zero.
+// Rows j < nb of xs (NB rows of K) = x[j]; rows nb..NB-1 zero. With `vec` (K a multiple of
+// the 16-byte vector, x aligned) in 16-byte loads, several in flight per thread: the rows
+// are read from L2 by every block, so this copy is a latency chain unless it is wide.
 template <typename T, int NB>
-PA_DEV void norm_rows(const T* __restrict__ h, const T* __restrict__ w, double eps, int K, int nb, T* xs) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int j = warp; j < NB; j += DECODE_WARPS) {
-        T* dst = xs + j * K;
-        if (j < nb) {
-            const T* src = h + (size_t)j * K;
-            T ss = T(0);
-            for (int k = lane; k < K; k += 32) ss += src[k] * src[k];
-            ss = warp_sum(ss);
-            const T scale = T(1) / fsqrt(ss / T(K) + T(eps));
-            for (int k = lane; k < K; k += 32) dst[k] = (src[k] * scale) * w[k];
-        } else {
-            for (int k = lane; k < K; k += 32) dst[k] = T(0);
+PA_DEV void copy_rows(const T* __restrict__ x, int K, int nb, int vec, T* xs) {
+    constexpr int V = 16 / sizeof(T);
+    if (vec) {
+        const int n = NB * K / V, valid = nb * K / V;
+        const Vec16<T>* src = reinterpret_cast<const Vec16<T>*>(x);
+        Vec16<T>* dst = reinterpret_cast<Vec16<T>*>(xs);
+#pragma unroll 4
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            Vec16<T> v;
+            if (i < valid) {
+                v = src[i];
+            } else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) v.v[e] = T(0);
+            }
+            dst[i] = v;
         }
+    } else {
+#pragma unroll 4
+        for (int i = threadIdx.x; i < NB * K; i += blockDim.x) xs[i] = i < nb * K ? x[i] : T(0);
     }
 }
 
-// Rows j < nb of xs = x[j]; rows nb..NB-1 zero.
+// Rows j < nb of xs (NB rows of K) = rms_norm(h[j]) * w; rows nb..NB-1 zero. Ends with the
+// block synchronised.
 template <typename T, int NB>
-PA_DEV void copy_rows(const T* __restrict__ x, int K, int nb, T* xs) {
-    for (int i = threadIdx.x; i < NB * K; i += blockDim.x) xs[i] = i < nb * K ? x[i] : T(0);
+PA_DEV void norm_rows(const T* __restrict__ h, const T* __restrict__ w, double eps, int K, int nb, int vec, T* xs) {
+    copy_rows<T, NB>(h, K, nb, vec, xs);
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int j = warp; j < nb; j += DECODE_WARPS) {
+        T* row = xs + j * K;
+        T ss = T(0);
+        for (int k = lane; k < K; k += 32) ss += row[k] * row[k];
+        ss = warp_sum(ss);
+        const T scale = T(1) / fsqrt(ss / T(K) + T(eps));
+#pragma unroll 4
+        for (int k = lane; k < K; k += 32) row[k] = (row[k] * scale) * w[k];
+    }
+    __syncthreads();
 }
 
 // For each row of W (N rows of K) that this block owns, the dot products with the nb
@@ -160,8 +181,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) in_proj_kernel(
     T* red = xs + NB * d_model;
     for (int b0 = 0; b0 < batch; b0 += NB) {
         const int nb = min(NB, batch - b0);
-        norm_rows<T, NB>(h + (size_t)b0 * d_model, norm_w, eps, d_model, nb, xs);
-        __syncthreads();
+        norm_rows<T, NB>(h + (size_t)b0 * d_model, norm_w, eps, d_model, nb, vec, xs);
         tile_gemv<T, NB>(W, 2 * d_inner, d_model, xs, nb, split, vec, red, [&](int row, int j, T acc) {
             const int b = b0 + j;
             T v = acc;
@@ -194,7 +214,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) x_proj_kernel(
     T* red = xs + NB * d_inner;
     for (int b0 = 0; b0 < batch; b0 += NB) {
         const int nb = min(NB, batch - b0);
-        copy_rows<T, NB>(xc + (size_t)b0 * d_inner, d_inner, nb, xs);
+        copy_rows<T, NB>(xc + (size_t)b0 * d_inner, d_inner, nb, vec, xs);
         __syncthreads();
         tile_gemv<T, NB>(W, width, d_inner, xs, nb, split, vec, red,
                          [&](int row, int j, T acc) { xdbl[(size_t)(b0 + j) * width + row] = acc; });
@@ -249,7 +269,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) out_proj_kernel(
     T* red = xs + NB * d_inner;
     for (int b0 = 0; b0 < batch; b0 += NB) {
         const int nb = min(NB, batch - b0);
-        copy_rows<T, NB>(y + (size_t)b0 * d_inner, d_inner, nb, xs);
+        copy_rows<T, NB>(y + (size_t)b0 * d_inner, d_inner, nb, vec, xs);
         __syncthreads();
         tile_gemv<T, NB>(W, d_model, d_inner, xs, nb, split, vec, red, [&](int row, int j, T acc) {
             const size_t at = (size_t)(b0 + j) * d_model + row;
@@ -268,8 +288,7 @@ __global__ void __launch_bounds__(DECODE_THREADS) head_kernel(
     T* red = xs + NB * d_model;
     for (int b0 = 0; b0 < batch; b0 += NB) {
         const int nb = min(NB, batch - b0);
-        norm_rows<T, NB>(h + (size_t)b0 * d_model, norm_w, eps, d_model, nb, xs);
-        __syncthreads();
+        norm_rows<T, NB>(h + (size_t)b0 * d_model, norm_w, eps, d_model, nb, vec, xs);
         tile_gemv<T, NB>(E, vocab, d_model, xs, nb, split, vec, red,
                          [&](int row, int j, T acc) { logits[(size_t)(b0 + j) * vocab + row] = acc; });
         __syncthreads();
