@@ -343,3 +343,30 @@ def test_nan_in_delta_with_softplus_propagates(use_numba):
     case.delta[0, 2, 3] = np.nan
     out = portassm.scan(**case.kwargs())
     assert np.isnan(out[0, 2, 3:]).all() and np.isfinite(out[0, :2]).all() and np.isfinite(out[0, 2, :3]).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize(
+    "dim, form, groups, options",
+    # dstate 16 runs 8 channels at a time where 8 channels stay inside a group of B and C:
+    # 8 groups of 5 (no: one channel at a time), 5 of 8, 3 of 12 (no); dim 29 and 70
+    # leave channels past the last full 8
+    [(40, "grouped", 8, True), (40, "grouped", 5, True), (36, "grouped", 3, True), (29, "selective", 1, True),
+     (70, "selective", 1, False)],
+)
+def test_step_with_dstate_16_by_blocks_of_8_channels(use_numba, monkeypatch, dtype, parallel, dim, form, groups, options):
+    rng = np.random.default_rng(12)
+    case = make_case(rng, batch=2, dim=dim, seqlen=1, dstate=16, form=form, groups=groups,
+                     options=options).astype(dtype)
+    if case.initial_state is None:
+        case.initial_state = np.zeros((2, dim, 16), dtype)
+    if parallel:
+        monkeypatch.setattr(numba_cpu, "STEP_PARALLEL_MIN", 0)
+    y, new = portassm.scan_step(
+        case.initial_state, case.u[..., 0], case.delta[..., 0], case.A, case.B[..., 0], case.C[..., 0], case.D,
+        None if case.z is None else case.z[..., 0], case.delta_bias, True,
+    )
+    ref_out, ref_last = oracle_forward(case)
+    assert rel_err(y, ref_out[..., 0]) <= TOLERANCE[dtype]
+    assert rel_err(new, ref_last) <= TOLERANCE[dtype]

@@ -313,3 +313,235 @@ def coefficient_grads(method, dt, a, abar, f):
         return a * abar, dt * abar, abar, dt * dt * phi1_grad(dt * a, abar)
     inv2 = f * f
     return a * inv2, dt * inv2, inv2, dt * dt * inv2 * const(a, 0.5)
+
+
+# --------------------------------------------------------------------------- 16 states in LLVM vectors
+#
+# The decoding step updates each channel's ``dstate`` states, contiguous in memory. LLVM's
+# loop vectoriser either unrolls a loop of 16 and leaves it scalar, or guards it with
+# run-time overlap checks per channel; here the 16 states of a channel are one LLVM
+# ``<16 x float>`` value (two AVX2 registers), loaded, updated and stored without a loop.
+
+
+@intrinsic
+def elem_ptr(typingctx, arr, idx):
+    """Pointer to ``arr[idx]`` (``idx`` a tuple of integers, no wraparound, no bounds check)."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.BaseTuple):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        aryty, idxty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        inds = [
+            context.cast(builder, builder.extract_value(args[1], i), t, types.intp) for i, t in enumerate(idxty.types)
+        ]
+        return cgutils.get_item_pointer(context, builder, aryty, ary, inds, wraparound=False)
+
+    return types.CPointer(arr.dtype)(arr, idx), codegen
+
+
+def _splat(builder, value, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
+
+
+def _fma(builder, a, b, c):
+    """a*b + c, fused, on LLVM float32 vectors (llvmlite's ``fma`` takes scalars only)."""
+    name = f"llvm.fma.v{a.type.count}f32"
+    fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(a.type, [a.type] * 3), name)
+    return builder.call(fn, [a, b, c])
+
+
+def _vexp2_f32(builder, x):
+    """:func:`exp2_f32` on an LLVM float vector: the same operations, in the same order."""
+    vty = x.type
+    c = lambda v: ir.Constant(vty, [float(v)] * vty.count)  # noqa: E731
+    lo = builder.fcmp_ordered("<", x, c(_X2_LO))
+    xc = builder.select(lo, c(_X2_LO), x)
+    hi = builder.fcmp_ordered(">", xc, c(_X2_HI))
+    xc = builder.select(hi, c(_X2_HI), xc)
+    t = builder.fadd(xc, c(_MAGIC))
+    f = builder.fsub(xc, builder.fsub(t, c(_MAGIC)))
+    p = c(_E4)
+    for coef in (_E3, _E2, _E1, _E0, _ONE32):
+        p = _fma(builder, p, f, c(coef))
+    ity = ir.VectorType(ir.IntType(32), vty.count)
+    bits = builder.shl(builder.bitcast(t, ity), ir.Constant(ity, [23] * vty.count))
+    return builder.fmul(p, builder.bitcast(bits, vty))
+
+
+def _hsum(builder, v):
+    """The sum of a vector's elements, as a tree of halves."""
+    i32 = ir.IntType(32)
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(i32, 0))
+
+
+@intrinsic
+def _mamba_states16_f32(typingctx, ps, pa, pb, pc, pn, scale, dtv, du):
+    """16 states of one channel, mamba's discretisation: ``pn[k] = exp(dtv A[k]) ps[k] + du B[k]``; returns Σ C[k] pn[k].
+
+    ``ps, pa, pb, pc, pn``: pointers to 16 consecutive float32 of the state, A, B, C and
+    the new state; ``scale`` is :func:`exp_scale` (A times it is exp2's argument per unit Δ).
+    """
+    ptr = types.CPointer(types.float32)
+    sig = types.float32(ptr, ptr, ptr, ptr, ptr, types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        ps, pa, pb, pc, pn, scale, dtv, du = args
+        vty = ir.VectorType(ir.FloatType(), 16)
+        load = lambda p: builder.load(builder.bitcast(p, vty.as_pointer()), align=4)  # noqa: E731
+        a_scaled = builder.fmul(load(pa), _splat(builder, scale, vty))
+        abar = _vexp2_f32(builder, builder.fmul(_splat(builder, dtv, vty), a_scaled))
+        h = _fma(builder, abar, load(ps), builder.fmul(_splat(builder, du, vty), load(pb)))
+        builder.store(h, builder.bitcast(pn, vty.as_pointer()), align=4)
+        return _hsum(builder, builder.fmul(load(pc), h))
+
+    return sig, codegen
+
+
+def mamba_states16(state, A, B, C, new_state, b, d, gb, gc, n0, dtv, du, scale):
+    """Σ_k C h for the states n0 .. n0+15 of channel d, storing h into new_state (mamba's discretisation)."""
+
+
+def _row_ptr(M, b, g, d, n0):
+    """Pointer to state n0 of a B or C row: ``M[b, g, n0]`` (selective) or ``M[d, n0]`` (time-invariant)."""
+
+
+@overload(_row_ptr, jit_options=dict(fastmath=FASTMATH, **JIT))
+def _row_ptr_impl(M, b, g, d, n0):
+    if M.ndim == 3:
+        return lambda M, b, g, d, n0: elem_ptr(M, (b, g, n0))
+    return lambda M, b, g, d, n0: elem_ptr(M, (d, n0))
+
+
+@overload(mamba_states16, jit_options=dict(fastmath=FASTMATH, **JIT))
+def _mamba_states16(state, A, B, C, new_state, b, d, gb, gc, n0, dtv, du, scale):
+    if all(M.dtype == types.float32 for M in (state, A, B, C, new_state)):
+
+        def impl(state, A, B, C, new_state, b, d, gb, gc, n0, dtv, du, scale):
+            return _mamba_states16_f32(
+                elem_ptr(state, (b, d, n0)), elem_ptr(A, (d, n0)), _row_ptr(B, b, gb, d, n0), _row_ptr(C, b, gc, d, n0),
+                elem_ptr(new_state, (b, d, n0)), scale, dtv, du,
+            )
+
+        return impl
+
+    def impl64(state, A, B, C, new_state, b, d, gb, gc, n0, dtv, du, scale):
+        acc = const(dtv, 0.0)
+        for k in range(16):
+            n = n0 + k
+            bv = B[b, gb, n] if B.ndim == 3 else B[d, n]
+            cv = C[b, gc, n] if C.ndim == 3 else C[d, n]
+            hv = exp_prescaled(dtv * (A[d, n] * scale)) * state[b, d, n] + du * bv
+            new_state[b, d, n] = hv
+            acc += cv * hv
+        return acc
+
+    return impl64
+
+
+def _in_lane_pair_sum(builder, x, y):
+    """``[x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7]`` of two 8-float vectors (AVX's ``vhaddps``)."""
+    i32v = ir.VectorType(ir.IntType(32), 8)
+    even = builder.shuffle_vector(x, y, ir.Constant(i32v, [0, 2, 8, 10, 4, 6, 12, 14]))
+    odd = builder.shuffle_vector(x, y, ir.Constant(i32v, [1, 3, 9, 11, 5, 7, 13, 15]))
+    return builder.fadd(even, odd)
+
+
+@intrinsic
+def _mamba_8x16_f32(typingctx, ps, pa, pb, pc, pn, sb, sc, scale, pdt, pdu, pdx, pgate, py):
+    """8 channels of 16 states each, mamba's discretisation, and their outputs.
+
+    For channel i < 8: ``h = exp(dt[i] A[i]) s[i] + du[i] B[i]`` (16 states, stored at
+    ``pn + 16 i``) and ``y[i] = (Σ C[i] h + dx[i]) gate[i]``. ``ps, pa, pn`` point to 8 x 16
+    consecutive floats (the rows of 8 adjacent channels), ``pb``/``pc`` to B/C rows
+    ``sb``/``sc`` floats apart (0: one row shared by the 8 channels), ``pdt, pdu, pdx,
+    pgate, py`` to 8 consecutive floats each. The 8 sums over states are one
+    transposed reduction (6 pairwise in-lane sums and one cross-lane add) instead of 8
+    horizontal ones.
+    """
+    ptr = types.CPointer(types.float32)
+    sig = types.void(ptr, ptr, ptr, ptr, ptr, types.intp, types.intp, types.float32, ptr, ptr, ptr, ptr, ptr)
+
+    def codegen(context, builder, signature, args):
+        ps, pa, pb, pc, pn, sb, sc, scale, pdt, pdu, pdx, pgate, py = args
+        f32 = ir.FloatType()
+        i32 = ir.IntType(32)
+        v16, v8 = ir.VectorType(f32, 16), ir.VectorType(f32, 8)
+        intp = sb.type
+
+        def at(p, offset, vty):
+            q = builder.gep(p, [offset if isinstance(offset, ir.Value) else ir.Constant(intp, offset)])
+            return builder.bitcast(q, vty.as_pointer())
+
+        dts = builder.fmul(builder.load(at(pdt, 0, v8), align=4), _splat(builder, scale, v8))
+        dus = builder.load(at(pdu, 0, v8), align=4)
+        halves = []
+        for i in range(8):
+            lane = lambda v: builder.shuffle_vector(v, ir.Constant(v8, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [i] * 16))  # noqa: E731,B023
+            bi = builder.mul(sb, ir.Constant(intp, i))
+            ci = builder.mul(sc, ir.Constant(intp, i))
+            abar = _vexp2_f32(builder, builder.fmul(lane(dts), builder.load(at(pa, 16 * i, v16), align=4)))
+            h = _fma(builder, abar, builder.load(at(ps, 16 * i, v16), align=4),
+                     builder.fmul(lane(dus), builder.load(at(pb, bi, v16), align=4)))
+            builder.store(h, at(pn, 16 * i, v16), align=4)
+            p = builder.fmul(builder.load(at(pc, ci, v16), align=4), h)
+            lo = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+            hi = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, 8), list(range(8, 16))))
+            halves.append(builder.fadd(lo, hi))
+        h01 = _in_lane_pair_sum(builder, halves[0], halves[1])
+        h23 = _in_lane_pair_sum(builder, halves[2], halves[3])
+        h45 = _in_lane_pair_sum(builder, halves[4], halves[5])
+        h67 = _in_lane_pair_sum(builder, halves[6], halves[7])
+        q0 = _in_lane_pair_sum(builder, h01, h23)  # [c0 c1 c2 c3 | c0 c1 c2 c3], lower and upper halves of the states
+        q1 = _in_lane_pair_sum(builder, h45, h67)
+        i32v = ir.VectorType(i32, 8)
+        sums = builder.fadd(
+            builder.shuffle_vector(q0, q1, ir.Constant(i32v, [0, 1, 2, 3, 8, 9, 10, 11])),
+            builder.shuffle_vector(q0, q1, ir.Constant(i32v, [4, 5, 6, 7, 12, 13, 14, 15])),
+        )
+        sums = builder.fadd(sums, builder.load(at(pdx, 0, v8), align=4))
+        builder.store(builder.fmul(sums, builder.load(at(pgate, 0, v8), align=4)), at(py, 0, v8), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def mamba_channels8(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
+    """Channels d0 .. d0+7 of a decoding step with dstate 16, mamba's discretisation.
+
+    ``work[0..3, b, d]`` hold Δ, Δx, D x and the gate of each channel; writes the new
+    states and ``y[b, d0:d0+8]``. B and C rows: ``B[b, gb]`` shared (selective) or ``B[d]``.
+    """
+
+
+@overload(mamba_channels8, jit_options=dict(fastmath=FASTMATH, **JIT))
+def _mamba_channels8(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
+    if all(M.dtype == types.float32 for M in (state, A, B, C, new_state, work, y)):
+        sb = 0 if B.ndim == 3 else 16
+        sc = 0 if C.ndim == 3 else 16
+
+        def impl(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
+            _mamba_8x16_f32(
+                elem_ptr(state, (b, d0, 0)), elem_ptr(A, (d0, 0)), _row_ptr(B, b, gb, d0, 0), _row_ptr(C, b, gc, d0, 0),
+                elem_ptr(new_state, (b, d0, 0)), sb, sc, scale, elem_ptr(work, (0, b, d0)), elem_ptr(work, (1, b, d0)),
+                elem_ptr(work, (2, b, d0)), elem_ptr(work, (3, b, d0)), elem_ptr(y, (b, d0)),
+            )
+
+        return impl
+
+    def impl64(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
+        for d in range(d0, d0 + 8):
+            y[b, d] = (mamba_states16(state, A, B, C, new_state, b, d, gb, gc, 0, work[0, b, d], work[1, b, d], scale)
+                       + work[2, b, d]) * work[3, b, d]
+
+    return impl64
