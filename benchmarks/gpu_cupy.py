@@ -45,10 +45,9 @@ OFFICIAL_STEP_US = 51.0
 
 # compile-time variants of scan.cu: (label, configure options, preprocessor definitions)
 VARIANTS = (
-    ("no register prefetch of the next tile (fwd, bwd)", {}, ("LS_PREFETCH=0", "BW_PREFETCH=0")),
-    ("fwd 3 blocks/SM (80 regs); bwd 8 warps, 2 blocks/SM", {}, ("LS_MIN_BLOCKS=3", "BW_WARPS=8", "BW_MIN_BLOCKS=2")),
-    ("fwd 4 warps, 8 blocks/SM; bwd B/C from L1/L2", {}, ("LS_WARPS=4", "LS_MIN_BLOCKS=8", "BW_BC_SMEM=0")),
-    ("split layout", {"layout": "split"}, ()),
+    ("fwd one state per lane (LS_PAIR=0)", {}, ("LS_PAIR=0",)),
+    ("fwd two states per lane, 2 blocks/SM (120 regs)", {}, ("LP_MIN_BLOCKS=2",)),
+    ("fwd two states per lane, 4 warps a block, 6 blocks/SM", {}, ("LP_WARPS=4", "LP_MIN_BLOCKS=6")),
 )
 
 

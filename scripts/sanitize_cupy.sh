@@ -48,10 +48,11 @@ for layout in (None, "split"):
     run(2, 64, 70, 16, (2, 2, 16, 70), "float32", chunk, "zoh")    # one-state-per-lane backward, 2 groups
     run(2, 64, 72, 16, (2, 1, 16, 72), "float32", chunk)           # 16-byte B/C loads (seqlen % 4 == 0)
     run(2, 40, 70, 24, (2, 1, 24, 70), "float32", chunk)           # 32 lanes per channel
-# the one-state-per-lane kernels with the defaults (B/C tiles in shared memory, the next
-# tile prefetched) and with the benchmark's variant that reads B/C rows from L1/L2
-# without prefetch (blocks inside one group, across two and three)
-for defines in ((), ("LS_BC_SMEM=0", "BW_BC_SMEM=0", "LS_PREFETCH=0", "BW_PREFETCH=0")):
+    run(2, 40, 70, 5, (2, 5, 70), "float32", chunk, "bilinear")    # dstate < 8: half the lanes' states unused
+# the one-state-per-lane forward (B/C tiles in shared memory, the next tile prefetched),
+# and the variant that reads B/C rows from L1/L2 without prefetch (blocks inside one
+# group, across two and three)
+for defines in (("LS_PAIR=0",), ("LS_PAIR=0", "LS_BC_SMEM=0", "BW_BC_SMEM=0", "LS_PREFETCH=0", "BW_PREFETCH=0")):
     cupy_cuda._defines = defines
     cupy_cuda.configure(layout="lanes")
     for chunk in (None, 32):
@@ -67,10 +68,17 @@ except TypeError as exc:
     print("bfloat16 skipped:", exc)
 print("sanitize workload done")
 PY
+# the two tools side by side (each in its own process), their reports one after the other
 status=0
 for tool in memcheck racecheck; do
+  (cd "$here" && compute-sanitizer --tool "$tool" --error-exitcode 7 python3 "$script" >"$script.$tool.log" 2>&1) &
+  eval "pid_$tool=$!"
+done
+for tool in memcheck racecheck; do
+  eval "wait \$pid_$tool" || status=1
   echo "== compute-sanitizer --tool $tool"
-  (cd "$here" && compute-sanitizer --tool "$tool" --error-exitcode 7 python3 "$script") || status=1
+  cat "$script.$tool.log"
+  rm -f "$script.$tool.log"
 done
 rm -f "$script"
 exit $status

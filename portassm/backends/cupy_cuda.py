@@ -97,6 +97,7 @@ def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc:
             names.append(f"scan_fwd_lanes_kernel<{storage},{compute},{nl},{disc}>")
             if nl == 16 and compute == "float":
                 names.append(f"scan_bwd_lanes_kernel<{storage},{compute},{nl},{disc}>")
+                names.append(f"scan_fwd_pair_kernel<{storage},{compute},{disc}>")
         return names
     return [f"scan_step_kernel<{storage},{compute},{disc}>"]
 
@@ -356,6 +357,15 @@ class _Scan:
         layout = _options["layout"] or "lanes"
         nl = _lanes(self.dstate)
         self.nl = nl if layout == "lanes" else None  # the forward passes' layout: lanes, or split (None)
+        # the forward with two states per lane (8 lanes per channel): dstate <= 16, float32
+        # compute, and each block's channels in one group when B or C is selective
+        self.lp_cpb = 4 * _define_int("LP_WARPS", 8)
+        self.pair = (
+            self.nl == 16
+            and not self.wide
+            and _define_int("LS_PAIR", 1) != 0
+            and ((gb is None and gc is None) or (self.dim // self.groups) % self.lp_cpb == 0)
+        )
         if nl is not None:
             self.ls_threads = 32 * _define_int("LS_WARPS", 8)
             self.ls_cpb = self.ls_threads // nl  # channels per block
@@ -402,6 +412,15 @@ class _Scan:
         L = self.seqlen
         if _options["chunk"] is not None:
             clen = -(-_options["chunk"] // FWD_TT) * FWD_TT
+        elif self.pair and _options["min_threads"] is None:
+            # one wave of the two-states-per-lane forward is 3 blocks of 256 threads per
+            # multiprocessor: chunk below half a wave, to about one wave
+            threads, wave = self.batch * self.dim * 8, 768 * _multiprocessors(u)
+            if 2 * threads >= wave or L < 512:
+                return L, 1
+            K = min(max(2, wave // threads), L // 256)
+            per_chunk = -(-L // K)
+            clen = -(-per_chunk // FWD_TT) * FWD_TT
         else:
             if self.nl is None:
                 threads = self.batch * self.nblk * THREADS
@@ -445,6 +464,18 @@ class _Scan:
     def forward(self, out, h0, h0_chunks, hend, pend, ckpt, nck=0, K=None):
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
+        if self.pair:
+            kernel = self.module.kernel(f"scan_fwd_pair_kernel<{self.storage},{self.compute},{self.disc}>", 0)
+            kernel(
+                (-(-self.dim // self.lp_cpb), self.batch, K), (8 * self.lp_cpb,),
+                (
+                    _ptr(self.u), _ptr(self.delta), _ptr(self.z), _ptr(out), _ptr(self.A), _ptr(self.Bsel),
+                    _ptr(self.Binv), _ptr(self.Csel), _ptr(self.Cinv), _ptr(self.D), _ptr(self.delta_bias),
+                    _i32(self.softplus), _ptr(h0), _i32(h0_chunks), _ptr(hend), _ptr(pend), _ptr(ckpt), _i32(nck),
+                    _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i64(self.chunk_len),
+                ),
+            )
+            return
         if self.nl is not None:
             kernel = self.module.kernel(f"scan_fwd_lanes_kernel<{self.storage},{self.compute},{self.nl},{self.disc}>", 0)
             kernel(

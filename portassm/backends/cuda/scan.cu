@@ -715,6 +715,14 @@ PA_DEV void staged_pair(const double* s, int k, double& a, double& x) {
     a = q.x;
     x = q.y;
 }
+// the backward's staged step k: (dt_k, u_k, dy_k, dt_k*u_k), one 16-byte read for float
+PA_DEV void staged4(const float* s, int k, float& a, float& u, float& y, float& x) {
+    const float4 q = reinterpret_cast<const float4*>(s)[k];
+    a = q.x; u = q.y; y = q.z; x = q.w;
+}
+PA_DEV void staged4(const double* s, int k, double& a, double& u, double& y, double& x) {
+    a = s[4 * k]; u = s[4 * k + 1]; y = s[4 * k + 2]; x = s[4 * k + 3];
+}
 
 // Forward, same arguments and modes as scan_fwd_kernel (out, hend, pend, ckpt, h0),
 // vec_bc: the selective B and C rows allow 16-byte loads. Grid (ceil(dim / CPB),
@@ -884,6 +892,226 @@ __global__ void __launch_bounds__(LS_WARPS * 32, LS_BLOCKS(NL, W)) scan_fwd_lane
         const size_t o = (chan * K + k) * dstate + n;
         if (hend) hend[o] = h;
         if (pend) pend[o] = prod;
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Forward, two states per lane (the default for dstate <= 16 with float32 compute):
+// a channel is 8 lanes, lane n owning states n and n + 8, so a warp holds 4 channels
+// and a block of LP_WARPS warps 4 * LP_WARPS channels, all in one group when B or C is
+// selective (the caller checks). Tiles of 16 steps: lane n stages steps n and n + 8
+// (u, delta, z, prefetched one tile ahead), the block stages the group's B and C tiles
+// in shared memory (double-buffered, the next tile in flight in registers), and each
+// step is, per lane, two exponentials and two multiply-adds on two independent chains;
+// y of the tile's 16 steps is the sum of 16 partials over 8 lanes, a transposed
+// butterfly of 14 shuffles that leaves steps n and n + 8 in lane n.
+// Against one state per lane: half the warps (at the first anchor size 3 072, which fit
+// the H100 in one wave at 3 blocks of 8 warps per multiprocessor, where 6 144 warps of
+// 32 per multiprocessor took 1.45 waves), half the shuffles, and the per-tile work
+// (staging, softplus, addresses) shared by 32 updates instead of 16.
+// Same arguments and modes as scan_fwd_kernel; grid (ceil(dim / (4 * LP_WARPS)),
+// batch, chunks), LP_WARPS * 32 threads.
+// ---------------------------------------------------------------------------------
+#ifndef LP_WARPS
+#define LP_WARPS 8
+#endif
+#ifndef LP_MIN_BLOCKS
+#define LP_MIN_BLOCKS 3
+#endif
+
+// y of 2 * NL steps from NL lanes: p[k] is this lane's part of step k; afterwards p[0]
+// holds step `lane` and p[NL] step `lane + NL` (the butterfly on both halves at once)
+template <int O, int NL, typename W>
+PA_DEV void butterfly_stage2(W (&p)[2 * NL], int lane) {
+    const bool hi = (lane & O) != 0;
+#pragma unroll
+    for (int h = 0; h < 2 * NL; h += NL) {
+#pragma unroll
+        for (int j = 0; j < O; ++j) {
+            const W send = hi ? p[h + j] : p[h + j + O];
+            const W keep = hi ? p[h + j + O] : p[h + j];
+            p[h + j] = keep + __shfl_xor_sync(0xffffffffu, send, O, NL);
+        }
+    }
+    if constexpr (O > 1) butterfly_stage2<O / 2, NL>(p, lane);
+}
+
+template <typename T, typename W, int DISC>
+__global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_kernel(
+    const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, T* __restrict__ out,
+    const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv, const T* __restrict__ Csel,
+    const W* __restrict__ Cinv, const W* __restrict__ D, const W* __restrict__ delta_bias, int softplus_flag,
+    const W* __restrict__ h0, int h0_chunks, W* __restrict__ hend, W* __restrict__ pend, W* __restrict__ ckpt,
+    int nck, int dim, int dstate, long long seqlen, int groups, long long chunk_len) {
+    constexpr int NL = 8, TT = 16, CPW = 4, CPB = CPW * LP_WARPS, NTH = LP_WARPS * 32, RB = TT + 4;
+    constexpr int BCE = (16 * TT + NTH - 1) / NTH;  // tile elements per thread
+    __shared__ __align__(16) W s_x[CPB * TT * 2];     // per channel and step: (dt, dt*u or u)
+    __shared__ __align__(16) W s_bc[2][2][16 * RB];   // [buffer][B or C][state][step]
+    const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / NL, n = threadIdx.x % NL;
+    const int d = blockIdx.x * CPB + warp * CPW + sub;
+    const bool dvalid = d < dim, v0 = dvalid && n < dstate, v1 = dvalid && n + NL < dstate;
+    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z;
+    const long long t_begin = (long long)k * chunk_len;
+    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+    const int dd = dvalid ? d : 0;
+    const size_t chan = (size_t)b * dim + dd, row = chan * seqlen;
+    const int d_first = (int)blockIdx.x * CPB, g_blk = (d_first < dim ? d_first : dim - 1) / (dim / groups);
+    const T* bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    const T* cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    const W A0 = v0 ? A[(size_t)d * dstate + n] : W(0), A1 = v1 ? A[(size_t)d * dstate + n + NL] : W(0);
+    const W A20 = A0 * W(1.4426950408889634), A21 = A1 * W(1.4426950408889634);
+    const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
+    const W binv0 = (v0 && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
+    const W binv1 = (v1 && !Bsel) ? Binv[(size_t)d * dstate + n + NL] : W(0);
+    const W cinv0 = (v0 && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
+    const W cinv1 = (v1 && !Csel) ? Cinv[(size_t)d * dstate + n + NL] : W(0);
+    const size_t hrow = (chan * h0_chunks + (h0_chunks == 1 ? 0 : k)) * dstate;
+    W hA = (v0 && h0) ? h0[hrow + n] : W(0), hB = (v1 && h0) ? h0[hrow + n + NL] : W(0);
+    W prodA = W(1), prodB = W(1);
+    W* sx = s_x + (warp * CPW + sub) * TT * 2;
+    const bool want_out = out != nullptr;
+
+    auto body = [&](auto with_out, auto with_prod, auto both_selective) {
+        // SEL: B and C both selective, known at compile time (no per-step selects)
+        constexpr bool WO = decltype(with_out)::value, WP = decltype(with_prod)::value;
+        constexpr bool SEL = decltype(both_selective)::value;
+        T rbn[BCE], rcn[BCE];  // the next tile's elements of B and C, in flight
+        T nu0 = T{}, nd0 = T{}, nz0 = T{}, nu1 = T{}, nd1 = T{}, nz1 = T{};  // this lane's two steps of the next tile
+        auto fetch = [&](long long tn) {
+            const int ntn = (int)(t_end - tn < TT ? t_end - tn : TT);
+            if (Bsel) fetch_tile<16, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, tn, ntn);
+            if (WO && Csel) fetch_tile<16, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tn, ntn);
+            if (dvalid && n < ntn) {
+                nu0 = u[row + tn + n];
+                nd0 = delta[row + tn + n];
+                if (WO && z) nz0 = z[row + tn + n];
+            }
+            if (dvalid && n + NL < ntn) {
+                nu1 = u[row + tn + n + NL];
+                nd1 = delta[row + tn + n + NL];
+                if (WO && z) nz1 = z[row + tn + n + NL];
+            }
+        };
+        if (t_begin < t_end) fetch(t_begin);
+        int buf = 0;
+        for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
+            const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
+            const bool tv0 = dvalid && n < nt, tv1 = dvalid && n + NL < nt;
+#pragma unroll
+            for (int r = 0; r < BCE; ++r) {
+                const int e = threadIdx.x + r * NTH;
+                if (e < 16 * TT) {
+                    if (Bsel) s_bc[buf][0][(e / TT) * RB + e % TT] = widen(rbn[r]);
+                    if (WO && Csel) s_bc[buf][1][(e / TT) * RB + e % TT] = widen(rcn[r]);
+                }
+            }
+            W u0 = W(0), dt0 = W(0), z0 = W(0), u1 = W(0), dt1 = W(0), z1 = W(0);
+            if (tv0) {
+                u0 = widen(nu0);
+                dt0 = widen(nd0) + bias;
+                if (WO && z) z0 = widen(nz0);
+            }
+            if (tv1) {
+                u1 = widen(nu1);
+                dt1 = widen(nd1) + bias;
+                if (WO && z) z1 = widen(nz1);
+            }
+            __syncthreads();  // this tile's B, C staged (double buffer: the readers of this buffer, two tiles ago, are done)
+            if (t0 + TT < t_end) fetch(t0 + TT);
+            if (softplus_flag) {
+                if (tv0) dt0 = softplus(dt0);
+                if (tv1) dt1 = softplus(dt1);
+            }
+            __syncwarp();  // the previous tile's readers of sx are done
+            sx[2 * n] = dt0;
+            sx[2 * n + 1] = DISC == DISC_MAMBA ? dt0 * u0 : u0;
+            sx[2 * (n + NL)] = dt1;
+            sx[2 * (n + NL) + 1] = DISC == DISC_MAMBA ? dt1 * u1 : u1;
+            __syncwarp();
+            if (ckpt && t0 % CKPT_T == 0) {
+                const size_t o = (chan * nck + t0 / CKPT_T) * dstate;
+                if (v0) ckpt[o + n] = hA;
+                if (v1) ckpt[o + n + NL] = hB;
+            }
+            const W* brA = &s_bc[buf][0][n * RB];
+            const W* brB = &s_bc[buf][0][(n + NL) * RB];
+            const W* crA = &s_bc[buf][1][n * RB];
+            const W* crB = &s_bc[buf][1][(n + NL) * RB];
+            W p[TT];
+#pragma unroll
+            for (int q = 0; q < TT / 4; ++q) {
+                float4 bqA, bqB, cqA = make_float4(0.f, 0.f, 0.f, 0.f), cqB = cqA;
+                if (SEL || Bsel) {
+                    bqA = reinterpret_cast<const float4*>(brA)[q];
+                    bqB = reinterpret_cast<const float4*>(brB)[q];
+                } else {
+                    bqA = make_float4(binv0, binv0, binv0, binv0);
+                    bqB = make_float4(binv1, binv1, binv1, binv1);
+                }
+                if (WO) {
+                    if (SEL || Csel) {
+                        cqA = reinterpret_cast<const float4*>(crA)[q];
+                        cqB = reinterpret_cast<const float4*>(crB)[q];
+                    } else {
+                        cqA = make_float4(cinv0, cinv0, cinv0, cinv0);
+                        cqB = make_float4(cinv1, cinv1, cinv1, cinv1);
+                    }
+                }
+                const W bA[4] = {bqA.x, bqA.y, bqA.z, bqA.w}, bB[4] = {bqB.x, bqB.y, bqB.z, bqB.w};
+                const W cA[4] = {cqA.x, cqA.y, cqA.z, cqA.w}, cB[4] = {cqB.x, cqB.y, cqB.z, cqB.w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int kk = 4 * q + j;
+                    W a, x, abarA, abarB;
+                    staged_pair(sx, kk, a, x);
+                    if (DISC == DISC_MAMBA) {
+                        abarA = fexp2(a * A20);
+                        abarB = fexp2(a * A21);
+                        hA = abarA * hA + bA[j] * x;
+                        hB = abarB * hB + bB[j] * x;
+                    } else {
+                        W bcA, bcB;
+                        discretize<DISC>(a, A0, A20, abarA, bcA);
+                        discretize<DISC>(a, A1, A21, abarB, bcB);
+                        hA = abarA * hA + (bcA * x) * bA[j];
+                        hB = abarB * hB + (bcB * x) * bB[j];
+                    }
+                    if (WP) {
+                        prodA *= abarA;
+                        prodB *= abarB;
+                    }
+                    if (WO) p[kk] = cA[j] * hA + cB[j] * hB;
+                }
+            }
+            buf ^= 1;
+            if (WO) {
+                butterfly_stage2<NL / 2, NL>(p, n);
+                if (tv0) {
+                    W y = p[0] + Dd * u0;
+                    if (z) y *= silu(z0);
+                    out[row + t0 + n] = narrow<T>(y);
+                }
+                if (tv1) {
+                    W y = p[NL] + Dd * u1;
+                    if (z) y *= silu(z1);
+                    out[row + t0 + n + NL] = narrow<T>(y);
+                }
+            }
+        }
+    };
+    if (want_out && Bsel && Csel) body(Flag<true>{}, Flag<false>{}, Flag<true>{});
+    else if (want_out) body(Flag<true>{}, Flag<false>{}, Flag<false>{});
+    else if (pend) body(Flag<false>{}, Flag<true>{}, Flag<false>{});
+    else body(Flag<false>{}, Flag<false>{}, Flag<false>{});
+
+    const size_t o = (chan * K + k) * dstate;
+    if (v0) {
+        if (hend) hend[o + n] = hA;
+        if (pend) pend[o + n] = prodA;
+    }
+    if (v1) {
+        if (hend) hend[o + n + NL] = hB;
+        if (pend) pend[o + n + NL] = prodB;
     }
 }
 
@@ -1080,7 +1308,8 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
         if (!full) {  // the chunk pass: only the adjoint's path through the chunk
 #pragma unroll
             for (int kk = TT - 1; kk >= 0; --kk) {
-                const W a = sx[4 * kk], y_ = sx[4 * kk + 2];
+                W a, u_, y_, x_;
+                staged4(sx, kk, a, u_, y_, x_);
                 W abar, bcoef;
                 discretize<DISC>(a, An, A2, abar, bcoef);
                 g = abar * (g + cv[kk] * y_);
@@ -1094,10 +1323,11 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
             W h = hck, py[TT];
 #pragma unroll
             for (int kk = 0; kk < TT; ++kk) {
-                const W a = sx[4 * kk], x = sx[4 * kk + 3];
+                W a, uk, yk, x;
+                staged4(sx, kk, a, uk, yk, x);
                 W bcoef;
                 discretize<DISC>(a, An, A2, as[kk], bcoef);
-                h = DISC == DISC_MAMBA ? as[kk] * h + bv[kk] * x : as[kk] * h + (bcoef * sx[4 * kk + 1]) * bv[kk];
+                h = DISC == DISC_MAMBA ? as[kk] * h + bv[kk] * x : as[kk] * h + (bcoef * uk) * bv[kk];
                 hs[kk] = h;
                 if (dz) py[kk] = cv[kk] * h;
             }
@@ -1116,16 +1346,16 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
 #endif
 #pragma unroll
         for (int kk = TT - 1; kk >= 0; --kk) {
-            const W a = sx[4 * kk], uk = sx[4 * kk + 1], yk = sx[4 * kk + 2];
+            W a, uk, yk, x;
+            staged4(sx, kk, a, uk, yk, x);
             g += cv[kk] * yk;
             const W hp = kk > 0 ? hs[kk > 0 ? kk - 1 : 0] : hck;
             const W dab = g * hp;
             if (DISC == DISC_MAMBA) {
-                const W x = sx[4 * kk + 3];
-                const W dbc = g * bv[kk] * uk;
-                qd[kk] = dab * (An * as[kk]) + dbc;
-                dA_acc += dab * (a * as[kk]);
-                qu[kk] = g * a * bv[kk];
+                const W gb = g * bv[kk], dabs = dab * as[kk];
+                qd[kk] = dabs * An + gb * uk;
+                dA_acc += dabs * a;
+                qu[kk] = gb * a;
                 rB[kk] = g * x;
             } else {
                 W abar, bcoef, da_ddt, da_dA, db_ddt, db_dA;
@@ -1142,7 +1372,11 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
 #if BW_BC_SMEM
             if (!Bsel) dBi_acc += rB[kk];
             if (!Csel) dCi_acc += rC[kk];
-            if (Bsel || Csel) {
+            if (CPW == 2 && Bsel && Csel) {  // the warp's two channels: channel 0 keeps the dB sum, 1 the dC sum
+                const W send = sub ? rB[kk] : rC[kk], keep = sub ? rC[kk] : rB[kk];
+                const W sum = keep + __shfl_xor_sync(0xffffffffu, send, NL);
+                (sub ? pc : pb)[kk] = sum;
+            } else if (Bsel || Csel) {
                 W sb = rB[kk], sc = rC[kk];
                 if (CPW == 2) {
                     sb += __shfl_xor_sync(0xffffffffu, sb, NL);
