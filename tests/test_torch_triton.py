@@ -272,15 +272,16 @@ def test_gpu_agreement(torch_backend, rng, form, method, dtype):
     method covers every compile-time flag of the forward and backward.
     """
     case = make_case(rng, batch=2, dim=96, seqlen=300, dstate=16, form=form, groups=3, discretization=method)
-    for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
-        torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps)
-        _check_cuda(case.astype(dtype), dtype, rng)
+    for fwd_kernel in ("triton", "gluon"):  # the Gluon forward serves float32 selective B, C only
+        for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
+            torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps, fwd_kernel=fwd_kernel)
+            _check_cuda(case.astype(dtype), dtype, rng)
 
 
 @gpu
 @needs_cuda
 def test_gpu_forward_variants(torch_backend, rng):
-    """The forward's other layouts and switches against the oracle (forward and last state, float32).
+    """The Triton forward's other layouts and switches against the oracle (forward and last state, float32).
 
     No prefetch; 4-step tiles (one channel a thread) with one, two and four warps a
     program, without prefetch, with a register cap; each with and without options
@@ -298,7 +299,7 @@ def test_gpu_forward_variants(torch_backend, rng):
     ]
     for variant in variants:
         for min_warps in (1, 10**6):
-            torch_triton.configure(min_warps=min_warps, **variant)
+            torch_triton.configure(min_warps=min_warps, fwd_kernel="triton", **variant)
             for case in cases:
                 kw = _tensors(case, "cuda")
                 out, last = portassm.scan(**kw, return_last_state=True)
@@ -337,7 +338,7 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
         torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps, gluon_warps=1, gluon_steps=16)
         _check_cuda(grouped.astype("float32"), "float32", rng)
         for case, cfg in forward_cases:
-            torch_triton.configure(gluon_warps=1, gluon_steps=16, **cfg)
+            torch_triton.configure(**{"gluon_warps": 1, "gluon_steps": 16, **cfg})
             case = case.astype("float32")
             kw = _tensors(case, "cuda")
             out, last = portassm.scan(**kw, return_last_state=True)
@@ -386,11 +387,13 @@ def test_gpu_16bit(torch_backend, rng, dtype):
     for name, t in args.items():
         if isinstance(t, torch.Tensor):
             setattr(rounded, name, t.double().cpu().numpy())
-    out, last = portassm.scan(**args, return_last_state=True)
-    assert out.dtype == dtype and last.dtype == torch.float32
     ref_out, ref_last = oracle_forward(rounded)
-    assert rel_err(_np(out), ref_out) <= TOLERANCE["bfloat16"]
-    assert rel_err(_np(last), ref_last) <= 1e-5
+    for fwd_kernel in ("triton", "gluon"):
+        torch_triton.configure(fwd_kernel=fwd_kernel)
+        out, last = portassm.scan(**args, return_last_state=True)
+        assert out.dtype == dtype and last.dtype == torch.float32
+        assert rel_err(_np(out), ref_out) <= TOLERANCE["bfloat16"], fwd_kernel
+        assert rel_err(_np(last), ref_last) <= 1e-5, fwd_kernel
 
 
 @gpu
@@ -431,8 +434,8 @@ def test_gpu_repeats_are_bit_identical(torch_backend, rng):
         out.backward(dout)
         return [out.detach(), last.detach()] + [args[n].grad for n in case.ARRAYS]
 
-    for min_warps in (1, 10**6):
-        torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps)
+    for fwd_kernel, min_warps in [(k, m) for k in ("triton", "gluon") for m in (1, 10**6)]:
+        torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps, fwd_kernel=fwd_kernel)
         first = run()
         for _ in range(2):
             assert all(torch.equal(a, b) for a, b in zip(first, run()))

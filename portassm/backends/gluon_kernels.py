@@ -218,8 +218,6 @@ def _scan_fwd_gluon(
     true_c = d_c < dim  # all true: a program's channels lie within dim (the wrapper checks)
 
     A = gl.load(A_ptr + state_offs).to(gl.float32)
-    if MODE == 0:
-        Al = A * LOG2E
     bias = gl.load(bias_ptr + d_c, mask=true_c & (has_bias != 0), other=0.0).to(gl.float32)[:, None]
     Dv = gl.load(D_ptr + d_c, mask=true_c & (has_d != 0), other=0.0).to(gl.float32)[:, None]
     g = (pid_d * BLOCK_D) // dim_per_group  # a program's channels share one group of B, C
@@ -300,7 +298,7 @@ def _scan_fwd_gluon(
             x2_k = _column(x2, sel, neg_zero, LS)
             B_k = bcs.slice(2 * k, 1).load(LS)
             if MODE == 0:
-                abar = _ex2(x1_k * Al, FAST)
+                abar = _ex2(x1_k * A, FAST)  # x1 = dt log2(e)
                 h = abar * h + x2_k * B_k
             elif MODE == 1:
                 abar = _ex2((x1_k * LOG2E) * A, FAST)
