@@ -25,6 +25,7 @@ Usage::
     python benchmarks/bench_model.py                   # CPU: numba, numpy and torch backends, transformers
     python benchmarks/bench_model.py --device cuda     # GPU: torch, cupy, transformers on CUDA
     python benchmarks/bench_model.py --threads 1       # BLAS and torch threads (set before they load)
+    python benchmarks/bench_model.py --device cuda --profile-step   # cupy: host and GPU time of a step's parts
 
 Prints one markdown table last, and writes it to $OUT/model_table.md when OUT is set.
 """
@@ -225,7 +226,7 @@ def profile_step(config: MambaConfig, weights: dict, batches, repeats: int = 30)
         lines.append(f"| {batch} | {label} | {np.median(r.cpu_times) * 1e3:.4f} | {np.median(r.gpu_times[0]) * 1e3:.4f} |")
         print(lines[-1], flush=True)
 
-    for batch in batches:
+    def one_batch(batch: int) -> None:
         ids = np.arange(batch, dtype=np.int64) * 7 + 1
         cache = model.init_cache(batch)
         model._decoder = None
@@ -259,7 +260,7 @@ def profile_step(config: MambaConfig, weights: dict, batches, repeats: int = 30)
         ]:
             timed(batch, label, fn)
         if decoder is None:
-            continue
+            return
         model._decoder = decoder
         timed(batch, "decode.cu step, whole, launched one by one", lambda: model.step(ids, cache), 10)
         graph = _CupyGraphStep(model, batch)
@@ -282,6 +283,9 @@ def profile_step(config: MambaConfig, weights: dict, batches, repeats: int = 30)
                 ms = _kernel_ms(kernel, grid, args, smem)
                 lines.append(f"| {batch} |   decode.cu {name} ({tag}grid {grid[0]}), 20 in a graph | - | {ms:.4f} |")
                 print(lines[-1], flush=True)
+
+    for batch in batches:
+        one_batch(batch)
     return "\n".join(lines)
 
 
