@@ -40,6 +40,7 @@ fi
 echo "## bench (tail)"; grep -v "^\s*$" "$OUT/bench_cupy.log" | grep -v "^|" | grep -v "^(" | tail -n 25
 echo "## tests"; grep -E "FAILED|ERROR| passed| failed|error" "$OUT/tests_cupy.log" | grep -v "PASSED" | tail -n 30; grep -c PASSED "$OUT/tests_cupy.log"
 echo "## sanitize"; grep -E "==|ERROR SUMMARY|RACECHECK SUMMARY|Error|done|skipped" "$OUT/sanitize_cupy.log" | tail -n 12
+echo "workloads run under the sanitizer: $(grep -c "^ran" "$OUT/sanitize_cupy.log")"
 [ "${NCU:-0}" = 1 ] && { echo "## ncu"; cat "$OUT/ncu.log"; }
 echo "## steps"; cat "$OUT/steps.txt"
 echo; cat "$OUT/cupy_table.md" 2>/dev/null

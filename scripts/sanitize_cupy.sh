@@ -37,10 +37,13 @@ def run(batch, dim, seqlen, dstate, bc_shape, dtype, chunk, method="mamba"):
                                 True, method, out=(y, h0))
     portassm.scan_with_vjp(u, delta, A, B, C, **kw)[1](dout)  # the forward's checkpoints reused
     cp.cuda.runtime.deviceSynchronize()
-# the defaults (one state per lane where dstate <= 32, else split), then the split layout
-for layout in (None, "split"):
+    print("ran", batch, dim, seqlen, dstate, bc_shape, getattr(dtype, "__name__", dtype), chunk, method,
+          cupy_cuda._options["layout"], cupy_cuda._defines, flush=True)
+# the defaults (the lanes kernels where dstate <= 32, else split), then the split layout
+# (chunked: its chunk pass and combine too)
+for layout, chunks in ((None, (None, 32)), ("split", (32,))):
   cupy_cuda.configure(layout=layout)
-  for chunk in (None, 32):
+  for chunk in chunks:
     run(2, 40, 70, 16, (2, 16, 70), "float32", chunk)              # one group, dim not a multiple of 32
     run(2, 96, 70, 5, (2, 2, 5, 70), "float64", chunk, "zoh")      # blocks spanning two groups
     run(1, 40, 50, 33, (1, 8, 33, 50), "float32", chunk, "bilinear")  # direct B/C reads, 8 states a thread
@@ -48,11 +51,10 @@ for layout in (None, "split"):
     run(2, 64, 70, 16, (2, 2, 16, 70), "float32", chunk, "zoh")    # one-state-per-lane backward, 2 groups
     run(2, 64, 72, 16, (2, 1, 16, 72), "float32", chunk)           # 16-byte B/C loads (seqlen % 4 == 0)
     run(2, 40, 70, 24, (2, 1, 24, 70), "float32", chunk)           # 32 lanes per channel
-    run(2, 40, 70, 5, (2, 5, 70), "float32", chunk, "bilinear")    # dstate < 8: half the lanes' states unused
-# the one-state-per-lane forward (B/C tiles in shared memory, the next tile prefetched),
-# and the variant that reads B/C rows from L1/L2 without prefetch (blocks inside one
-# group, across two and three)
-for defines in (("LS_PAIR=0",), ("LS_PAIR=0", "LS_BC_SMEM=0", "BW_BC_SMEM=0", "LS_PREFETCH=0", "BW_PREFETCH=0")):
+    run(2, 40, 70, 5, (2, 5, 70), "float32", chunk, "bilinear")    # dstate 5: lanes 5-7 and every second state unused
+# the one-state-per-lane forward in place of the two-states-per-lane one (blocks inside
+# one group, across two and three)
+for defines in (("LS_PAIR=0",),):
     cupy_cuda._defines = defines
     cupy_cuda.configure(layout="lanes")
     for chunk in (None, 32):

@@ -340,6 +340,9 @@ def test_kernels_run_on_the_current_stream(cupy_backend, rng, chunk):
     case = make_case(rng, batch=2, dim=64, seqlen=200, dstate=16).astype("float32")
     args = case.kwargs(cp.asarray)
     dout = cp.asarray(rng.standard_normal(case.u.shape).astype(np.float32))
+    # the inputs were copied on the legacy default stream, which a non-blocking stream does
+    # not wait for: the copies must have landed before that stream reads them
+    cp.cuda.Device().synchronize()
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         direct = portassm.scan(**args, return_last_state=True)  # warms the memory pool and the kernels
