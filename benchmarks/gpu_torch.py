@@ -18,8 +18,8 @@ warps, register caps and chunking; the backward's blocking, register cap and chu
 the first size and at batch 1), ``--quick`` (fewer repetitions), ``--precompile N`` (compile
 every configuration the run will time in N processes first: Triton's disk cache then serves
 the timed runs, so compiling stays out of the numbers and off the critical path),
-``--only-precompile``, ``--gluon`` (the Gluon forward beside the Triton one at each size and
-dtype: forward, and forward+backward through autograd with the Gluon forward),
+``--only-precompile``, ``--gluon`` (the Gluon forward with 1 and 2 warps a program beside the Triton
+one at each size and dtype: forward, then forward+backward through autograd),
 ``--gluon-variants`` (its warps, tile length and prefetch distance at the first size).
 """
 
@@ -187,7 +187,6 @@ _INVARIANT = [False]  # the sweep's diagnostic rows: time-invariant B, C
 
 #: the Gluon forward's variants (``--gluon-variants``), first size
 GLUON_VARIANTS = [
-    ("gluon, 2 warps a program", {"fwd_kernel": "gluon", "gluon_warps": 2}),
     ("gluon, 8-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 8}),
     ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
@@ -244,7 +243,9 @@ def jobs_of(which, sweep, gluon=False, gluon_variants=False):
     if sweep:
         jobs += [("scan", opts, i, d, both) for _, opts, i, dts, both in SWEEP for d in dts]
     if gluon:
-        jobs += [("scan", {"fwd_kernel": k}, i, d, True) for i in which for d in DTYPES for k in ("triton", "gluon")]
+        kernels = ({"fwd_kernel": "triton"}, {"fwd_kernel": "gluon", "gluon_warps": 1})
+        kernels += ({"fwd_kernel": "gluon", "gluon_warps": 2},)
+        jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for k in kernels]
     if gluon_variants:
         jobs += [("scan", opts, 0, d, False) for _, opts in GLUON_VARIANTS for d in DTYPES]
     return jobs
@@ -256,7 +257,8 @@ def gluon_compare(which, quick, variants):
         "| batch, dim, seqlen, dstate | dtype | forward | fwd ms (vs official) | fwd+bwd ms (vs official) |",
         "|---|---|---|---|---|",
     ]
-    kernels = (("triton", {"fwd_kernel": "triton"}), ("gluon", {"fwd_kernel": "gluon"}))
+    kernels = [("triton", {"fwd_kernel": "triton"}), ("gluon, 1 warp", {"fwd_kernel": "gluon", "gluon_warps": 1})]
+    kernels += [("gluon, 2 warps", {"fwd_kernel": "gluon", "gluon_warps": 2})]
     rows = [(SIZES[i], d, name, opts, False) for i in which for d in DTYPES for name, opts in kernels]
     rows += [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in kernels]
     if variants:
