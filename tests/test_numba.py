@@ -370,3 +370,20 @@ def test_step_with_dstate_16_by_blocks_of_8_channels(use_numba, monkeypatch, dty
     ref_out, ref_last = oracle_forward(case)
     assert rel_err(y, ref_out[..., 0]) <= TOLERANCE[dtype]
     assert rel_err(new, ref_last) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dstate", [8, 16, 24])
+@pytest.mark.parametrize("form, groups", [("selective", 1), ("grouped", 2), ("invariant", 1)])
+def test_gradients_with_states_by_eights(use_numba, dtype, dstate, form, groups):
+    # mamba's adjoint runs 8 states at a time in LLVM vectors when dstate is a multiple of 8
+    rng = np.random.default_rng(dstate * 10 + groups)
+    case = make_case(rng, batch=2, dim=20, seqlen=70, dstate=dstate, form=form, groups=groups).astype(dtype)
+    dout = rng.standard_normal(case.u.shape).astype(dtype)
+    dlast = rng.standard_normal(case.initial_state.shape).astype(dtype)
+    _, vjp = portassm.scan_with_vjp(**case.kwargs())
+    saved = vjp(dout, dlast)
+    grads = portassm.scan_vjp(dout, **case.kwargs(), dlast_state=dlast)
+    for name, got, from_saved, ref in zip(case.ARRAYS, grads, saved, oracle_grads(case, dout, dlast)):
+        assert rel_err(got, ref) <= TOLERANCE[dtype], name
+        assert rel_err(from_saved, ref) <= TOLERANCE[dtype], name

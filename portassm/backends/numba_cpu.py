@@ -354,8 +354,8 @@ def _make_scan_bwd(method: int):
         dCl = np.zeros((nth, dstate, LANES), dt_)
         hs = np.empty((nth, CHUNK, dstate, LANES), dt_)  # the state before step tt of the chunk
         abars = np.empty((nth, CHUNK, dstate, LANES), dt_)
-        dBc = np.empty((nth, dstate, CHUNK), dt_)  # this block's share of dB, dC over the chunk
-        dCc = np.empty((nth, dstate, CHUNK), dt_)
+        dBc = np.empty((nth, CHUNK, dstate), dt_)  # this block's share of dB, dC over the chunk
+        dCc = np.empty((nth, CHUNK, dstate), dt_)
         # per (channel, time) values of a chunk, one row per lane (contiguous in time)
         dts = np.empty((nth, LANES, CHUNK), dt_)
         dus = np.empty((nth, LANES, CHUNK), dt_)
@@ -482,7 +482,7 @@ def _make_scan_bwd(method: int):
                                 sum_c += hv * dyl[ts, j]
                             else:
                                 dCl[ts, n, j] += hv * dyl[ts, j]
-                        dCc[ts, n, tt] = sum_c
+                        dCc[ts, tt, n] = sum_c
                     for j in range(LANES):
                         ys[ts, j, tt] = yl[ts, j]
                 if has_z:
@@ -505,40 +505,44 @@ def _make_scan_bwd(method: int):
                         dyl[ts, j] = dys[ts, j, tt]
                         s1[ts, j] = zero
                         s2[ts, j] = zero
-                    for n in range(dstate):
-                        bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-                        cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
-                        sum_b = zero
-                        for j in range(lanes):
-                            dtv = dtl[ts, j]
-                            an = a_[ts, n, j]
-                            bv = bn if B.ndim == 4 else bl[ts, n, j]
-                            cv = cn if C.ndim == 4 else cl[ts, n, j]
-                            gv = g[ts, n, j] + cv * dyl[ts, j]
-                            abar = abars[ts, tt, n, j]
-                            gn = abar * gv
-                            g[ts, n, j] = gn
-                            if method == nk.MAMBA:
-                                q = gn * hs[ts, tt, n, j]
-                                s1[ts, j] += gv * bv
-                                s2[ts, j] += q * an
-                                dAl[ts, n, j] += q * dtv
-                                db = gv * dul[ts, j]
-                            else:
-                                f = nk.coefficients(method, dtv, an, as_[ts, n, j])[1]
-                                pa_dt, pa_da, pb_dt, pb_da = nk.coefficient_grads(method, dtv, an, abar, f)
-                                dab = gv * hs[ts, tt, n, j]
-                                dbc = gv * ul[ts, j] * bv
-                                bcoef = dtv * f
-                                s1[ts, j] += gv * bcoef * bv
-                                s2[ts, j] += dab * pa_dt + dbc * pb_dt
-                                dAl[ts, n, j] += dab * pa_da + dbc * pb_da
-                                db = gv * ul[ts, j] * bcoef
-                            if B.ndim == 4:
-                                sum_b += db
-                            else:
-                                dBl[ts, n, j] += db
-                        dBc[ts, n, tt] = sum_b
+                    if method == nk.MAMBA and dstate % 8 == 0:  # in LLVM vectors, states 8 at a time
+                        nk.mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl,
+                                              ts, tt, b, gb, gc, t)
+                    else:
+                        for n in range(dstate):
+                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                            cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
+                            sum_b = zero
+                            for j in range(lanes):
+                                dtv = dtl[ts, j]
+                                an = a_[ts, n, j]
+                                bv = bn if B.ndim == 4 else bl[ts, n, j]
+                                cv = cn if C.ndim == 4 else cl[ts, n, j]
+                                gv = g[ts, n, j] + cv * dyl[ts, j]
+                                abar = abars[ts, tt, n, j]
+                                gn = abar * gv
+                                g[ts, n, j] = gn
+                                if method == nk.MAMBA:
+                                    q = gn * hs[ts, tt, n, j]
+                                    s1[ts, j] += gv * bv
+                                    s2[ts, j] += q * an
+                                    dAl[ts, n, j] += q * dtv
+                                    db = gv * dul[ts, j]
+                                else:
+                                    f = nk.coefficients(method, dtv, an, as_[ts, n, j])[1]
+                                    pa_dt, pa_da, pb_dt, pb_da = nk.coefficient_grads(method, dtv, an, abar, f)
+                                    dab = gv * hs[ts, tt, n, j]
+                                    dbc = gv * ul[ts, j] * bv
+                                    bcoef = dtv * f
+                                    s1[ts, j] += gv * bcoef * bv
+                                    s2[ts, j] += dab * pa_dt + dbc * pb_dt
+                                    dAl[ts, n, j] += dab * pa_da + dbc * pb_da
+                                    db = gv * ul[ts, j] * bcoef
+                                if B.ndim == 4:
+                                    sum_b += db
+                                else:
+                                    dBl[ts, n, j] += db
+                            dBc[ts, tt, n] = sum_b
                     for j in range(LANES):
                         if method == nk.MAMBA:
                             dua[ts, j, tt] += dtl[ts, j] * s1[ts, j]
@@ -549,11 +553,11 @@ def _make_scan_bwd(method: int):
                 if B.ndim == 4:
                     for n in range(dstate):
                         for tt in range(tn):
-                            dB_part[tid, b, gb, n, uint64(t0 + tt)] += dBc[ts, n, tt]
+                            dB_part[tid, b, gb, n, uint64(t0 + tt)] += dBc[ts, tt, n]
                 if C.ndim == 4:
                     for n in range(dstate):
                         for tt in range(tn):
-                            dC_part[tid, b, gc, n, uint64(t0 + tt)] += dCc[ts, n, tt]
+                            dC_part[tid, b, gc, n, uint64(t0 + tt)] += dCc[ts, tt, n]
                 for j in range(nl):
                     d = d0 + j
                     for tt in range(tn):
