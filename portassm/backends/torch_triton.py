@@ -1,7 +1,8 @@
 """The torch backend: torch.Tensor arrays on any device.
 
-CUDA tensors run the Triton kernels of :mod:`portassm.backends.triton_kernels`; CPU
-tensors run a plain-torch loop over time (differentiable by torch autograd, float64
+CUDA tensors run the Triton kernels of :mod:`portassm.backends.triton_kernels`, with the
+forward of :mod:`portassm.backends.gluon_kernels` (Gluon: explicit layouts and shared
+memory) where it applies (``fwd_kernel="gluon"``, the default); CPU tensors run a plain-torch loop over time (differentiable by torch autograd, float64
 capable). ``configure(kernels="triton")`` sends CPU tensors to the Triton kernels too,
 which runs them under ``TRITON_INTERPRET=1`` (set before triton is first imported): that
 is how CI tests the kernels without a GPU.
@@ -48,9 +49,10 @@ _options: dict[str, Any] = {
     # twice as many warps (default 8 per SM)
     "bwd_min_warps": None,  # backward: below this many warps, chunks enough for as many (default 16 per SM)
     "maxnreg": None,  # register cap of the forward kernel (None: the compiler's choice)
-    "fwd_kernel": "triton",  # "gluon": the Gluon forward (explicit layouts, tiles staged in shared memory)
-    # where it applies (CUDA, selective B and C, float32 compute, dstate 4..64); "triton" otherwise
-    "gluon_warps": 1,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
+    "fwd_kernel": "gluon",  # "gluon": the Gluon forward (explicit layouts, tiles staged in shared memory)
+    # where it applies (CUDA tensors, selective B and C, float32 compute, dstate 4..64); "triton": always
+    # the Triton forward
+    "gluon_warps": 2,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
     "gluon_steps": 16,  # tile length of the Gluon forward
     "bwd_maxnreg": None,  # register cap of the backward kernel
 }
@@ -316,7 +318,9 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
     power-of-two dstate of 4 to 64: SPT = 4 states a lane, dstate/4 lanes a channel,
     32·4/dstate channels a warp; a program's channels lie within one group.
     """
-    if _options["fwd_kernel"] != "gluon" or not (B_vary and C_vary) or ct != torch.float32:
+    if _options["fwd_kernel"] != "gluon" or device.type != "cuda":
+        return None  # Gluon kernels run compiled only (the interpreter does not run them)
+    if not (B_vary and C_vary) or ct != torch.float32:
         return None
     if dstate not in (4, 8, 16, 32, 64):
         return None
