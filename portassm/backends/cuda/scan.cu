@@ -582,16 +582,20 @@ __global__ void __launch_bounds__(THREADS, BWD_MIN_BLOCKS) scan_bwd_kernel(
 }
 
 // =================================================================================
-// One state per lane (the default layout for dstate <= 32; docs/backends/cupy.md).
+// One state per lane (the default layout for dstate <= 32, with the forward of two
+// states per lane below for dstate <= 16; docs/backends/cupy.md).
 //
 // A channel (b, d) is NL lanes of a warp (NL = 16 or 32, a power of two >= dstate),
-// lane n owning state n; a warp holds 32 / NL channels and needs no barrier and no
-// other warp. Time runs over tiles of TT = NL steps:
-//   * lane i stages step i of the tile: u_i, delta_i (z_i) loaded coalesced, dt_i =
-//     softplus(delta_i + bias) once, and (dt_i, dt_i*u_i) written to the warp's slice of
-//     shared memory; every lane then reads each step's pair as a broadcast;
-//   * lane n reads its own rows B[b, g, n, t0 .. t0+TT) and C[b, g, n, ...] (16-byte loads;
-//     the channels of a group read the same rows, which L1 and L2 serve);
+// lane n owning state n; a warp holds 32 / NL channels. Time runs over tiles of TT = NL
+// steps:
+//   * lane i stages step i of the tile: u_i, delta_i (z_i) loaded coalesced (one tile
+//     ahead, LS_PREFETCH), dt_i = softplus(delta_i + bias) once, and (dt_i, dt_i*u_i)
+//     written to the warp's slice of shared memory; every lane then reads each step's
+//     pair as a broadcast;
+//   * the block stages the B and C tiles of its first channel's group in shared memory
+//     (LS_BC_SMEM), and lane n reads its rows B[b, g, n, t0 .. t0+TT) and C[b, g, n, ...]
+//     there with 16-byte loads; lanes of another group (groups smaller than a block),
+//     or every lane with LS_BC_SMEM=0, read them from L1/L2;
 //   * the step k: Abar = 2^(dt_k * A_n*log2 e), h = Abar*h + B_k*(dt_k*u_k), p_k = C_k*h,
 //     with nothing but the FMA on h's dependency chain;
 //   * after the tile, a transposed butterfly sums p over the NL lanes: at offset o each
