@@ -1,12 +1,15 @@
 """Print the numba backend's CPU figures as a table: G state updates/s and the ratio to the PyTorch loop.
 
 Batch 1, dim 1536, dstate 16, float32 (delta_softplus, z, D, delta_bias), seqlen 1024
-and 4096: forward, forward+backward (``scan_with_vjp`` then its ``vjp``: the backward
-starts from the forward's checkpoints), and one decoding step at batch 1 (the kernel
-alone, the backend's wrapper, and ``portassm.scan_step`` with its checks). The PyTorch loop
-is ``benchmarks/baselines.py``'s HF-style sequential scan, timed in the same run.
-Times are the median of ``--repeat`` calls after one warm-up call (compilation or the
-disk cache is never timed, except by ``--first-call``)::
+and 4096: the forward (``portassm.scan``), forward+backward as training runs it
+(``portassm.scan_with_vjp`` then its ``vjp``: the backward starts from the forward's
+checkpoints, no forward is recomputed), the same through ``scan`` then ``scan_vjp``
+(whose backward first rebuilds the checkpoints), and one decoding step at batch 1 (the
+kernel alone on one thread and on two, the backend's wrapper, and ``portassm.scan_step``
+with its checks). The PyTorch loop is ``benchmarks/baselines.py``'s HF-style sequential
+scan, timed in the same run. Times are the median (and the best) of ``--repeat`` calls
+after one warm-up call (compilation or the disk cache is never timed, except by
+``--first-call``)::
 
     python scripts/bench_numba_table.py                 # the table
     python scripts/bench_numba_table.py --threads 1     # one thread
@@ -37,14 +40,19 @@ from portassm.bench import Size, make_problem, make_step_problem
 DIM, DSTATE = 1536, 16
 
 
-def median_time(fn, repeat: int) -> float:
+def timings(fn, repeat: int) -> tuple[float, float]:
+    """``(median, best)`` wall-clock seconds of ``repeat`` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
+
+
+def median_time(fn, repeat: int) -> float:
+    return timings(fn, repeat)[0]
 
 
 def problem(seqlen: int) -> dict:
@@ -105,35 +113,48 @@ def main() -> None:
     backend = portassm.set_backend("numba", **options)
     print(backend.describe(), f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"\nbatch 1, dim {DIM}, dstate {DSTATE}, float32; G = 1e9 state updates (batch*dim*seqlen*dstate) per second")
-    head = f"{'seqlen':>6} | {'numba fwd ms':>12} {'G/s':>6} | {'torch loop ms':>13} {'G/s':>6} | {'ratio':>6} | " \
-           f"{'numba f+b ms':>12} {'f+b / f':>7} | {'torch f+b ms':>12} {'ratio':>6}"
+    print("fwd: portassm.scan; f+b: portassm.scan_with_vjp + its vjp (the training path: the backward starts from the")
+    print("forward's checkpoints); scan+scan_vjp: the backward rebuilds the checkpoints first. ms: median (best)")
+    head = f"{'seqlen':>6} | {'numba fwd ms':>15} {'G/s':>5} | {'torch loop ms':>13} {'G/s':>6} | {'ratio':>6} | " \
+           f"{'f+b ms':>15} {'f+b / f':>7} | {'scan+scan_vjp':>13} {'/ f':>5} | {'torch f+b ms':>12} {'ratio':>6}"
     print(head)
     print("-" * len(head), flush=True)
     for seqlen in args.seqlens:
         p = problem(seqlen)
         updates = DIM * seqlen * DSTATE
         dout = np.random.default_rng(1).standard_normal(p["u"].shape).astype(np.float32)
-        fwd = median_time(lambda p=p: portassm.scan(**p), args.repeat)
-        both = median_time(lambda p=p, dout=dout: portassm.scan_with_vjp(**p)[1](dout), max(3, args.repeat // 2))
+        fwd, fwd_best = timings(lambda p=p: portassm.scan(**p), args.repeat)
+        both, both_best = timings(lambda p=p, dout=dout: portassm.scan_with_vjp(**p)[1](dout), max(3, args.repeat // 2))
+        again = median_time(lambda p=p, dout=dout: (portassm.scan(**p), portassm.scan_vjp(dout, **p)), max(3, args.repeat // 2))
         t_fwd, t_both = torch_loop(seqlen, max(1, args.repeat // 3), args.torch_backward) if not args.no_torch else (None, None)
         tf = f"{t_fwd * 1e3:13.1f} {updates / t_fwd / 1e9:6.3f}" if t_fwd else f"{'n/a':>13} {'':>6}"
         ratio = f"{t_fwd / fwd:6.1f}" if t_fwd else f"{'n/a':>6}"
         tb = f"{t_both * 1e3:12.1f} {t_both / both:6.1f}" if t_both else f"{'n/a':>12} {'':>6}"
-        print(f"{seqlen:6d} | {fwd * 1e3:12.2f} {updates / fwd / 1e9:6.2f} | {tf} | {ratio} | "
-              f"{both * 1e3:12.2f} {both / fwd:7.2f} | {tb}", flush=True)
+        print(f"{seqlen:6d} | {fwd * 1e3:7.2f} ({fwd_best * 1e3:5.2f}) {updates / fwd / 1e9:5.2f} | {tf} | {ratio} | "
+              f"{both * 1e3:7.2f} ({both_best * 1e3:5.1f}) {both / fwd:7.2f} | {again * 1e3:13.2f} {again / fwd:5.2f} | {tb}",
+              flush=True)
 
     s = {k: v.astype(np.float32) for k, v in make_step_problem(Size(1, DIM, 1, DSTATE)).items()}
-    step_ops = median_time(lambda: portassm.scan_step(**s, dt_softplus=True), 2000)
+    step_ops = timings(lambda: portassm.scan_step(**s, dt_softplus=True), 3000)
     backend_args = (s["state"], s["x"], s["dt"], s["A"], s["B"][:, None], s["C"][:, None], s["D"], s["z"], s["dt_bias"], True, "mamba")
-    step_backend = median_time(lambda: backend.scan_step(*backend_args), 2000)
+    step_backend = timings(lambda: backend.scan_step(*backend_args), 3000)
+    import numba
+
     from portassm.backends import numba_cpu
 
     y, new_state = np.empty((1, DIM), np.float32), np.empty((1, DIM, DSTATE), np.float32)
     kernel_args = (*backend_args[:9], True, True, DIM, DIM, y, new_state)
-    step_kernel = median_time(lambda: numba_cpu._SCAN_STEP_SERIAL[0](*kernel_args), 2000)  # what runs at this size
-    print(f"\nscan_step, batch 1, dim {DIM} (median): {step_ops * 1e6:.1f} us through portassm.scan_step, "
-          f"{step_backend * 1e6:.1f} us calling the backend directly, {step_kernel * 1e6:.1f} us the kernel alone "
-          f"(checks: {(step_ops - step_backend) * 1e6:.1f} us, the backend's wrapper: {(step_backend - step_kernel) * 1e6:.1f} us)")
+    serial = timings(lambda: numba_cpu._SCAN_STEP_SERIAL[0](*kernel_args), 3000)  # what runs at this size
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    parallel = timings(lambda: numba_cpu._SCAN_STEP[0](*kernel_args), 3000)  # blocks of 64 channels over the threads
+    numba.set_num_threads(threads)
+    us = lambda t: f"{t[0] * 1e6:.1f} ({t[1] * 1e6:.1f})"  # noqa: E731
+    print(f"\nscan_step, batch 1, dim {DIM}, us, median (best): {us(step_ops)} through portassm.scan_step, "
+          f"{us(step_backend)} calling the backend, kernel alone {us(serial)} on one thread (what runs), "
+          f"{us(parallel)} the parallel kernel on {min(2, numba.config.NUMBA_NUM_THREADS)} threads "
+          f"(checks: {(step_ops[0] - step_backend[0]) * 1e6:.1f} us, the backend's wrapper: "
+          f"{(step_backend[0] - serial[0]) * 1e6:.1f} us)")
     if args.first_call:
         first_call()
 

@@ -693,8 +693,14 @@ def _make_scan_step(method: int, parallel: bool):
             d0 = job % nblk * block
             d1 = min(d0 + block, dim)
             if by8:
+                gb = d0 // wb
+                gc = d0 // wc
                 while d0 + 8 <= d1:
-                    nk.mamba_channels8(state, A, B, C, new_state, work, y, b, d0, d0 // wb, d0 // wc, scale)
+                    if d0 == (gb + 1) * wb:  # 8 divides the group widths: d0 meets every boundary
+                        gb += 1
+                    if d0 == (gc + 1) * wc:
+                        gc += 1
+                    nk.mamba_channels8(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale)
                     d0 += 8
             gb = d0 // wb  # groups of B and C, advanced at their boundaries (no division a channel)
             gc = d0 // wc

@@ -524,7 +524,7 @@ def mamba_channels8(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
     """
 
 
-@overload(mamba_channels8, jit_options=dict(fastmath=FASTMATH, **JIT))
+@overload(mamba_channels8, jit_options=dict(fastmath=FASTMATH, forceinline=True, **JIT))
 def _mamba_channels8(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
     if all(M.dtype == types.float32 for M in (state, A, B, C, new_state, work, y)):
         sb = 0 if B.ndim == 3 else 16
@@ -682,7 +682,7 @@ def _db_ptr_impl(B, dBc, dBl, ts, tt):
     return lambda B, dBc, dBl, ts, tt: elem_ptr(dBl, (ts, 0, 0))
 
 
-@overload(mamba_adjoint_step, jit_options=dict(fastmath=FASTMATH, **JIT))
+@overload(mamba_adjoint_step, jit_options=dict(fastmath=FASTMATH, forceinline=True, **JIT))
 def _mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t):
     if g.dtype == types.float32:
         adjoint = _MAMBA_ADJOINT_F32[(B.ndim == 4, C.ndim == 4)]
@@ -726,4 +726,5 @@ def _mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, 
             dBc[ts, tt, n] = sum_b
 
     return impl64
+
 
