@@ -655,14 +655,17 @@ STEP_PARALLEL_MIN = 1 << 20
 def _make_scan_step(method: int, parallel: bool):
     # One token is ~25k state updates at dim 1536: a few microseconds, so what costs is
     # per-channel overhead. The per-channel values (Δ, Δx, D x, the gate) are computed
-    # first, vectorised across channels; then each channel runs over its states in
-    # groups of 16 with a constant trip count (LLVM vectorises it as two 8-lane
-    # vectors; a run-time count of 16 fell to the scalar remainder of an 8 x 4 loop).
+    # first, vectorised across channels. Then the states: mamba with dstate 16 runs 8
+    # channels at a time in LLVM vectors (nk.mamba_channels8: one transposed reduction
+    # for their 8 outputs); other channels run their states in groups of 16 (one
+    # <16 x float> for mamba, else a loop of constant trip count 16, two 8-lane vectors).
     # ``parallel``: a prange over blocks of STEP_BLOCK channels; otherwise one block per
     # batch row, serial (the wrapper's choice below STEP_PARALLEL_MIN: numba's thread
     # functions cost 2 us a call, and inside a kernel they would stop its caching).
     # ``parallel`` is read in the body, so it is in the closure that keys the disk cache.
-    @njit(parallel=parallel, fastmath=nk.FASTMATH_REDUCE, **nk.JIT)
+    # No ``reassoc``: it would reach the exp2 that mamba_channels8 emits into this kernel
+    # and fold its rounding (x + 1.5 2**23) - 1.5 2**23 away.
+    @njit(parallel=parallel, fastmath=nk.FASTMATH, **nk.JIT)
     def scan_step_kernel(state, x, dt, A, B, C, D, z, bias, softplus, has_z, wb, wc, y, new_state):
         batch, dim = x.shape
         dstate = A.shape[1]

@@ -457,8 +457,7 @@ def _in_lane_pair_sum(builder, x, y):
     return builder.fadd(even, odd)
 
 
-@intrinsic
-def _mamba_8x16_f32(typingctx, ps, pa, pb, pc, pn, sb, sc, scale, pdt, pdu, pdx, pgate, py):
+def _emit_8x16_f32(builder, ps, pa, pb, pc, pn, sb, sc, scale, pdt, pdu, pdx, pgate, py):
     """8 channels of 16 states each, mamba's discretisation, and their outputs.
 
     For channel i < 8: ``h = exp(dt[i] A[i]) s[i] + du[i] B[i]`` (16 states, stored at
@@ -469,82 +468,96 @@ def _mamba_8x16_f32(typingctx, ps, pa, pb, pc, pn, sb, sc, scale, pdt, pdu, pdx,
     transposed reduction (6 pairwise in-lane sums and one cross-lane add) instead of 8
     horizontal ones.
     """
-    ptr = types.CPointer(types.float32)
-    sig = types.void(ptr, ptr, ptr, ptr, ptr, types.intp, types.intp, types.float32, ptr, ptr, ptr, ptr, ptr)
+    f32 = ir.FloatType()
+    i32 = ir.IntType(32)
+    v16, v8 = ir.VectorType(f32, 16), ir.VectorType(f32, 8)
+    intp = sb.type
 
-    def codegen(context, builder, signature, args):
-        ps, pa, pb, pc, pn, sb, sc, scale, pdt, pdu, pdx, pgate, py = args
-        f32 = ir.FloatType()
-        i32 = ir.IntType(32)
-        v16, v8 = ir.VectorType(f32, 16), ir.VectorType(f32, 8)
-        intp = sb.type
+    def at(p, offset, vty):
+        q = builder.gep(p, [offset if isinstance(offset, ir.Value) else ir.Constant(intp, offset)])
+        return builder.bitcast(q, vty.as_pointer())
 
-        def at(p, offset, vty):
-            q = builder.gep(p, [offset if isinstance(offset, ir.Value) else ir.Constant(intp, offset)])
-            return builder.bitcast(q, vty.as_pointer())
-
-        dts = builder.fmul(builder.load(at(pdt, 0, v8), align=4), _splat(builder, scale, v8))
-        dus = builder.load(at(pdu, 0, v8), align=4)
-        halves = []
-        for i in range(8):
-            lane = lambda v: builder.shuffle_vector(v, ir.Constant(v8, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [i] * 16))  # noqa: E731,B023
-            bi = builder.mul(sb, ir.Constant(intp, i))
-            ci = builder.mul(sc, ir.Constant(intp, i))
-            abar = _vexp2_f32(builder, builder.fmul(lane(dts), builder.load(at(pa, 16 * i, v16), align=4)))
-            h = _fma(builder, abar, builder.load(at(ps, 16 * i, v16), align=4),
-                     builder.fmul(lane(dus), builder.load(at(pb, bi, v16), align=4)))
-            builder.store(h, at(pn, 16 * i, v16), align=4)
-            p = builder.fmul(builder.load(at(pc, ci, v16), align=4), h)
-            lo = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, 8), list(range(8))))
-            hi = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, 8), list(range(8, 16))))
-            halves.append(builder.fadd(lo, hi))
-        h01 = _in_lane_pair_sum(builder, halves[0], halves[1])
-        h23 = _in_lane_pair_sum(builder, halves[2], halves[3])
-        h45 = _in_lane_pair_sum(builder, halves[4], halves[5])
-        h67 = _in_lane_pair_sum(builder, halves[6], halves[7])
-        q0 = _in_lane_pair_sum(builder, h01, h23)  # [c0 c1 c2 c3 | c0 c1 c2 c3], lower and upper halves of the states
-        q1 = _in_lane_pair_sum(builder, h45, h67)
-        i32v = ir.VectorType(i32, 8)
-        sums = builder.fadd(
-            builder.shuffle_vector(q0, q1, ir.Constant(i32v, [0, 1, 2, 3, 8, 9, 10, 11])),
-            builder.shuffle_vector(q0, q1, ir.Constant(i32v, [4, 5, 6, 7, 12, 13, 14, 15])),
-        )
-        sums = builder.fadd(sums, builder.load(at(pdx, 0, v8), align=4))
-        builder.store(builder.fmul(sums, builder.load(at(pgate, 0, v8), align=4)), at(py, 0, v8), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
+    dts = builder.fmul(builder.load(at(pdt, 0, v8), align=4), _splat(builder, scale, v8))
+    dus = builder.load(at(pdu, 0, v8), align=4)
+    halves = []
+    for i in range(8):
+        lane = lambda v: builder.shuffle_vector(v, ir.Constant(v8, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [i] * 16))  # noqa: E731,B023
+        bi = builder.mul(sb, ir.Constant(intp, i))
+        ci = builder.mul(sc, ir.Constant(intp, i))
+        abar = _vexp2_f32(builder, builder.fmul(lane(dts), builder.load(at(pa, 16 * i, v16), align=4)))
+        h = _fma(builder, abar, builder.load(at(ps, 16 * i, v16), align=4),
+                 builder.fmul(lane(dus), builder.load(at(pb, bi, v16), align=4)))
+        builder.store(h, at(pn, 16 * i, v16), align=4)
+        p = builder.fmul(builder.load(at(pc, ci, v16), align=4), h)
+        lo = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+        hi = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(i32, 8), list(range(8, 16))))
+        halves.append(builder.fadd(lo, hi))
+    h01 = _in_lane_pair_sum(builder, halves[0], halves[1])
+    h23 = _in_lane_pair_sum(builder, halves[2], halves[3])
+    h45 = _in_lane_pair_sum(builder, halves[4], halves[5])
+    h67 = _in_lane_pair_sum(builder, halves[6], halves[7])
+    q0 = _in_lane_pair_sum(builder, h01, h23)  # [c0 c1 c2 c3 | c0 c1 c2 c3], lower and upper halves of the states
+    q1 = _in_lane_pair_sum(builder, h45, h67)
+    i32v = ir.VectorType(i32, 8)
+    sums = builder.fadd(
+        builder.shuffle_vector(q0, q1, ir.Constant(i32v, [0, 1, 2, 3, 8, 9, 10, 11])),
+        builder.shuffle_vector(q0, q1, ir.Constant(i32v, [4, 5, 6, 7, 12, 13, 14, 15])),
+    )
+    sums = builder.fadd(sums, builder.load(at(pdx, 0, v8), align=4))
+    builder.store(builder.fmul(sums, builder.load(at(pgate, 0, v8), align=4)), at(py, 0, v8), align=4)
 
 
-def mamba_channels8(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
+def _array_ptr(context, builder, aryty, aryval, indices):
+    """LLVM pointer to ``ary[indices]`` (LLVM ``intp`` values; no wraparound, no bounds check)."""
+    from numba.core import cgutils
+
+    ary = context.make_array(aryty)(context, builder, aryval)
+    return cgutils.get_item_pointer(context, builder, aryty, ary, indices, wraparound=False)
+
+
+def _intp_args(context, builder, signature, args, first):
+    """The arguments from position ``first`` on, cast to ``intp``."""
+    return [context.cast(builder, v, t, types.intp) for v, t in zip(args[first:], signature.args[first:])]
+
+
+def _channels8_loops(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
+    for d in range(d0, d0 + 8):
+        y[b, d] = (mamba_states16(state, A, B, C, new_state, b, d, gb, gc, 0, work[0, b, d], work[1, b, d], scale)
+                   + work[2, b, d]) * work[3, b, d]
+
+
+@intrinsic
+def mamba_channels8(typingctx, state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
     """Channels d0 .. d0+7 of a decoding step with dstate 16, mamba's discretisation.
 
     ``work[0..3, b, d]`` hold Δ, Δx, D x and the gate of each channel; writes the new
     states and ``y[b, d0:d0+8]``. B and C rows: ``B[b, gb]`` shared (selective) or ``B[d]``.
+    An intrinsic rather than a function: its vector code is emitted into the calling
+    kernel (a separate function, cached apart, stays a call that LLVM cannot inline).
+    float64 compiles the same as numba loops.
     """
+    sig = types.void(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale)
+    vector = all(M.dtype == types.float32 for M in (state, A, B, C, new_state, work, y))
 
+    def codegen(context, builder, signature, args):
+        if not vector:
+            return context.compile_internal(builder, _channels8_loops, signature, args)
+        b_, d0_, gb_, gc_ = _intp_args(context, builder, signature, args[:11], 7)
+        tys = signature.args
+        intp = context.get_value_type(types.intp)
+        zero = ir.Constant(intp, 0)
+        ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)  # noqa: E731
+        pb = ptr(2, [b_, gb_, zero] if tys[2].ndim == 3 else [d0_, zero])
+        pc = ptr(3, [b_, gc_, zero] if tys[3].ndim == 3 else [d0_, zero])
+        rows = [ptr(5, [ir.Constant(intp, r), b_, d0_]) for r in range(4)]
+        _emit_8x16_f32(
+            builder, ptr(0, [b_, d0_, zero]), ptr(1, [d0_, zero]), pb, pc, ptr(4, [b_, d0_, zero]),
+            ir.Constant(intp, 0 if tys[2].ndim == 3 else 16), ir.Constant(intp, 0 if tys[3].ndim == 3 else 16),
+            args[11], *rows, ptr(6, [b_, d0_]),
+        )
+        return context.get_dummy_value()
 
-@overload(mamba_channels8, jit_options=dict(fastmath=FASTMATH, forceinline=True, **JIT))
-def _mamba_channels8(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
-    if all(M.dtype == types.float32 for M in (state, A, B, C, new_state, work, y)):
-        sb = 0 if B.ndim == 3 else 16
-        sc = 0 if C.ndim == 3 else 16
-
-        def impl(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
-            _mamba_8x16_f32(
-                elem_ptr(state, (b, d0, 0)), elem_ptr(A, (d0, 0)), _row_ptr(B, b, gb, d0, 0), _row_ptr(C, b, gc, d0, 0),
-                elem_ptr(new_state, (b, d0, 0)), sb, sc, scale, elem_ptr(work, (0, b, d0)), elem_ptr(work, (1, b, d0)),
-                elem_ptr(work, (2, b, d0)), elem_ptr(work, (3, b, d0)), elem_ptr(y, (b, d0)),
-            )
-
-        return impl
-
-    def impl64(state, A, B, C, new_state, work, y, b, d0, gb, gc, scale):
-        for d in range(d0, d0 + 8):
-            y[b, d] = (mamba_states16(state, A, B, C, new_state, b, d, gb, gc, 0, work[0, b, d], work[1, b, d], scale)
-                       + work[2, b, d]) * work[3, b, d]
-
-    return impl64
+    return sig, codegen
 
 
 # --------------------------------------------------------------------------- one step of the backward's adjoint
