@@ -584,8 +584,9 @@ def _lane_sums8(builder, rows):
     )
 
 
-def _make_mamba_adjoint_f32(selective_b: bool, selective_c: bool):
-    """The intrinsic of one reverse step of mamba's adjoint over 16 lanes (channels), float32.
+def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, pB, sB, pC, sC, pdt, pdul, pdy,
+                      ps1, ps2, pdb, dstate):
+    """Emits one reverse step of mamba's adjoint over 16 lanes (channels), float32.
 
     Per state n (rows of 16 lanes, ``n * 16`` floats from each row pointer):
     ``gv = g + C_n dy``, ``g = Abar gv``, ``q = g h_prev``, ``s1 += gv B_n``,
@@ -595,149 +596,125 @@ def _make_mamba_adjoint_f32(selective_b: bool, selective_c: bool):
     transposed reduction); a time-invariant one adds db into the rows at ``pdb``.
     ``dstate`` must be a multiple of 8.
     """
+    from numba.core import cgutils
 
-    @intrinsic
-    def adjoint(typingctx, pg, pab, phs, pa, pdA, pB, sB, pC, sC, pdt, pdul, pdy, ps1, ps2, pdb, dstate):
-        from numba.core import cgutils
+    f32 = ir.FloatType()
+    v16, v8 = ir.VectorType(f32, 16), ir.VectorType(f32, 8)
+    intp = sB.type
 
-        ptr = types.CPointer(types.float32)
-        sig = types.void(ptr, ptr, ptr, ptr, ptr, ptr, types.intp, ptr, types.intp, ptr, ptr, ptr, ptr, ptr, ptr,
-                         types.intp)
+    def vptr(p, offset, vty=v16):
+        return builder.bitcast(builder.gep(p, [offset]), vty.as_pointer())
 
-        def codegen(context, builder, signature, args):
-            pg, pab, phs, pa, pdA, pB, sB, pC, sC, pdt, pdul, pdy, ps1, ps2, pdb, dstate = args
-            f32 = ir.FloatType()
-            v16, v8 = ir.VectorType(f32, 16), ir.VectorType(f32, 8)
-            intp = sB.type
+    def vload(p, offset):
+        return builder.load(vptr(p, offset), align=4)
 
-            def vptr(p, offset, vty=v16):
-                return builder.bitcast(builder.gep(p, [offset]), vty.as_pointer())
+    def vstore(v, p, offset):
+        builder.store(v, vptr(p, offset), align=4)
 
-            def vload(p, offset):
-                return builder.load(vptr(p, offset), align=4)
-
-            def vstore(v, p, offset):
-                builder.store(v, vptr(p, offset), align=4)
-
-            zero = ir.Constant(intp, 0)
-            dt, dul, dy = vload(pdt, zero), vload(pdul, zero), vload(pdy, zero)
-            s1p = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
-            s2p = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
-            with cgutils.for_range_slice(builder, zero, dstate, ir.Constant(intp, 8), intp) as (n0, _):
-                s1, s2 = builder.load(s1p), builder.load(s2p)
-                dbs = []
-                for k in range(8):
-                    n = builder.add(n0, ir.Constant(intp, k))
-                    off = builder.mul(n, ir.Constant(intp, 16))
-                    if selective_c:
-                        cn = _splat(builder, builder.load(builder.gep(pC, [builder.mul(n, sC)])), v16)
-                    else:
-                        cn = vload(pC, off)
-                    if selective_b:
-                        bn = _splat(builder, builder.load(builder.gep(pB, [builder.mul(n, sB)])), v16)
-                    else:
-                        bn = vload(pB, off)
-                    gv = _fma(builder, cn, dy, vload(pg, off))
-                    gn = builder.fmul(vload(pab, off), gv)
-                    vstore(gn, pg, off)
-                    q = builder.fmul(gn, vload(phs, off))
-                    s1 = _fma(builder, gv, bn, s1)
-                    s2 = _fma(builder, q, vload(pa, off), s2)
-                    vstore(_fma(builder, q, dt, vload(pdA, off)), pdA, off)
-                    db = builder.fmul(gv, dul)
-                    if selective_b:
-                        dbs.append(db)
-                    else:
-                        vstore(builder.fadd(vload(pdb, off), db), pdb, off)
-                if selective_b:
-                    builder.store(_lane_sums8(builder, dbs), vptr(pdb, n0, v8), align=4)
-                builder.store(s1, s1p)
-                builder.store(s2, s2p)
-            vstore(builder.load(s1p), ps1, zero)
-            vstore(builder.load(s2p), ps2, zero)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return adjoint
+    zero = ir.Constant(intp, 0)
+    dt, dul, dy = vload(pdt, zero), vload(pdul, zero), vload(pdy, zero)
+    s1p = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
+    s2p = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
+    with cgutils.for_range_slice(builder, zero, dstate, ir.Constant(intp, 8), intp) as (n0, _):
+        s1, s2 = builder.load(s1p), builder.load(s2p)
+        dbs = []
+        for k in range(8):
+            n = builder.add(n0, ir.Constant(intp, k))
+            off = builder.mul(n, ir.Constant(intp, 16))
+            if selective_c:
+                cn = _splat(builder, builder.load(builder.gep(pC, [builder.mul(n, sC)])), v16)
+            else:
+                cn = vload(pC, off)
+            if selective_b:
+                bn = _splat(builder, builder.load(builder.gep(pB, [builder.mul(n, sB)])), v16)
+            else:
+                bn = vload(pB, off)
+            gv = _fma(builder, cn, dy, vload(pg, off))
+            gn = builder.fmul(vload(pab, off), gv)
+            vstore(gn, pg, off)
+            q = builder.fmul(gn, vload(phs, off))
+            s1 = _fma(builder, gv, bn, s1)
+            s2 = _fma(builder, q, vload(pa, off), s2)
+            vstore(_fma(builder, q, dt, vload(pdA, off)), pdA, off)
+            db = builder.fmul(gv, dul)
+            if selective_b:
+                dbs.append(db)
+            else:
+                vstore(builder.fadd(vload(pdb, off), db), pdb, off)
+        if selective_b:
+            builder.store(_lane_sums8(builder, dbs), vptr(pdb, n0, v8), align=4)
+        builder.store(s1, s1p)
+        builder.store(s2, s2p)
+    vstore(builder.load(s1p), ps1, zero)
+    vstore(builder.load(s2p), ps2, zero)
 
 
-_MAMBA_ADJOINT_F32 = {(sb, sc): _make_mamba_adjoint_f32(sb, sc) for sb in (False, True) for sc in (False, True)}
+def _adjoint_loops(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t):
+    lanes = g.shape[2]
+    zero = const(g[0, 0, 0], 0.0)
+    for j in range(lanes):
+        s1[ts, j] = zero
+        s2[ts, j] = zero
+    for n in range(g.shape[1]):
+        bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+        cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
+        sum_b = zero
+        for j in range(lanes):
+            bv = bn if B.ndim == 4 else bl[ts, n, j]
+            cv = cn if C.ndim == 4 else cl[ts, n, j]
+            gv = g[ts, n, j] + cv * dyl[ts, j]
+            gn = abars[ts, tt, n, j] * gv
+            g[ts, n, j] = gn
+            q = gn * hs[ts, tt, n, j]
+            s1[ts, j] += gv * bv
+            s2[ts, j] += q * a_[ts, n, j]
+            dAl[ts, n, j] += q * dtl[ts, j]
+            db = gv * dul[ts, j]
+            if B.ndim == 4:
+                sum_b += db
+            else:
+                dBl[ts, n, j] += db
+        dBc[ts, tt, n] = sum_b
 
 
-def mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t):
+@intrinsic
+def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb,
+                       gc, t):
     """One reverse step ``tt`` of mamba's adjoint for the 16 lanes of thread slot ``ts`` (see ``scan_bwd``).
 
     Updates g and dA, writes the lane vectors s1 = Σ_n gv B and s2 = Σ_n q A, and dB:
     ``dBc[ts, tt, n]`` (selective B: summed over lanes) or ``dBl[ts, n]`` (time-invariant).
+    float32 with dstate a multiple of 8 (the caller's condition) is emitted into the
+    calling kernel as LLVM vector code; float64 compiles the same as numba loops.
     """
+    sig = types.void(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t)
+    vector = g.dtype == types.float32
 
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
 
-def _bc_ptr(M, Ml, b, g, t, ts):
-    """Pointer to B[b, g, 0, t] (selective: one float per state, ``seqlen`` apart) or to the lane rows ``Ml[ts]``."""
+        if not vector:
+            return context.compile_internal(builder, _adjoint_loops, signature, args)
+        tys = signature.args
+        ts_, tt_, b_, gb_, gc_, t_ = _intp_args(context, builder, signature, args, 16)
+        intp = context.get_value_type(types.intp)
+        zero = ir.Constant(intp, 0)
+        ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)  # noqa: E731
 
+        def last_extent(i):
+            return cgutils.unpack_tuple(builder, context.make_array(tys[i])(context, builder, args[i]).shape)[-1]
 
-@overload(_bc_ptr, jit_options=dict(fastmath=FASTMATH, **JIT))
-def _bc_ptr_impl(M, Ml, b, g, t, ts):
-    if M.ndim == 4:
-        return lambda M, Ml, b, g, t, ts: elem_ptr(M, (b, g, 0, t))
-    return lambda M, Ml, b, g, t, ts: elem_ptr(Ml, (ts, 0, 0))
+        selective_b, selective_c = tys[5].ndim == 4, tys[6].ndim == 4
+        pB, sB = (ptr(5, [b_, gb_, zero, t_]), last_extent(5)) if selective_b else (ptr(7, [ts_, zero, zero]), zero)
+        pC, sC = (ptr(6, [b_, gc_, zero, t_]), last_extent(6)) if selective_c else (ptr(8, [ts_, zero, zero]), zero)
+        pdb = ptr(14, [ts_, tt_, zero]) if selective_b else ptr(15, [ts_, zero, zero])
+        dstate = cgutils.unpack_tuple(builder, context.make_array(tys[0])(context, builder, args[0]).shape)[1]
+        _emit_adjoint_f32(
+            builder, selective_b, selective_c, ptr(0, [ts_, zero, zero]), ptr(1, [ts_, tt_, zero, zero]),
+            ptr(2, [ts_, tt_, zero, zero]), ptr(3, [ts_, zero, zero]), ptr(4, [ts_, zero, zero]), pB, sB, pC, sC,
+            ptr(9, [ts_, zero]), ptr(10, [ts_, zero]), ptr(11, [ts_, zero]), ptr(12, [ts_, zero]),
+            ptr(13, [ts_, zero]), pdb, dstate,
+        )
+        return context.get_dummy_value()
 
-
-def _db_ptr(B, dBc, dBl, ts, tt):
-    """Where the adjoint puts dB: ``dBc[ts, tt]`` (selective B) or the lane rows ``dBl[ts]``."""
-
-
-@overload(_db_ptr, jit_options=dict(fastmath=FASTMATH, **JIT))
-def _db_ptr_impl(B, dBc, dBl, ts, tt):
-    if B.ndim == 4:
-        return lambda B, dBc, dBl, ts, tt: elem_ptr(dBc, (ts, tt, 0))
-    return lambda B, dBc, dBl, ts, tt: elem_ptr(dBl, (ts, 0, 0))
-
-
-@overload(mamba_adjoint_step, jit_options=dict(fastmath=FASTMATH, forceinline=True, **JIT))
-def _mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t):
-    if g.dtype == types.float32:
-        adjoint = _MAMBA_ADJOINT_F32[(B.ndim == 4, C.ndim == 4)]
-
-        def impl(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t):
-            adjoint(
-                elem_ptr(g, (ts, 0, 0)), elem_ptr(abars, (ts, tt, 0, 0)), elem_ptr(hs, (ts, tt, 0, 0)),
-                elem_ptr(a_, (ts, 0, 0)), elem_ptr(dAl, (ts, 0, 0)), _bc_ptr(B, bl, b, gb, t, ts), B.shape[-1],
-                _bc_ptr(C, cl, b, gc, t, ts), C.shape[-1], elem_ptr(dtl, (ts, 0)), elem_ptr(dul, (ts, 0)),
-                elem_ptr(dyl, (ts, 0)), elem_ptr(s1, (ts, 0)), elem_ptr(s2, (ts, 0)), _db_ptr(B, dBc, dBl, ts, tt),
-                g.shape[1],
-            )
-
-        return impl
-
-    def impl64(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t):
-        lanes = g.shape[2]
-        zero = const(g[0, 0, 0], 0.0)
-        for j in range(lanes):
-            s1[ts, j] = zero
-            s2[ts, j] = zero
-        for n in range(g.shape[1]):
-            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-            cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
-            sum_b = zero
-            for j in range(lanes):
-                bv = bn if B.ndim == 4 else bl[ts, n, j]
-                cv = cn if C.ndim == 4 else cl[ts, n, j]
-                gv = g[ts, n, j] + cv * dyl[ts, j]
-                gn = abars[ts, tt, n, j] * gv
-                g[ts, n, j] = gn
-                q = gn * hs[ts, tt, n, j]
-                s1[ts, j] += gv * bv
-                s2[ts, j] += q * a_[ts, n, j]
-                dAl[ts, n, j] += q * dtl[ts, j]
-                db = gv * dul[ts, j]
-                if B.ndim == 4:
-                    sum_b += db
-                else:
-                    dBl[ts, n, j] += db
-            dBc[ts, tt, n] = sum_b
-
-    return impl64
-
-
+    return sig, codegen
