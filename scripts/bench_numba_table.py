@@ -149,7 +149,7 @@ def main() -> None:
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     parallel = timings(lambda: numba_cpu._SCAN_STEP[0](*kernel_args), 3000)  # blocks of 64 channels over the threads
     numba.set_num_threads(threads)
-    us = lambda t: f"{t[0] * 1e6:.1f} ({t[1] * 1e6:.1f})"  # noqa: E731
+    us = lambda t: f"{t[0] * 1e6:.1f} ({t[1] * 1e6:.1f})"
     print(f"\nscan_step, batch 1, dim {DIM}, us, median (best): {us(step_ops)} through portassm.scan_step, "
           f"{us(step_backend)} calling the backend, kernel alone {us(serial)} on one thread (what runs), "
           f"{us(parallel)} the parallel kernel on {min(2, numba.config.NUMBA_NUM_THREADS)} threads "

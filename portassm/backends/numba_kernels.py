@@ -358,7 +358,7 @@ def _fma(builder, a, b, c):
 def _vexp2_f32(builder, x):
     """:func:`exp2_f32` on an LLVM float vector: the same operations, in the same order."""
     vty = x.type
-    c = lambda v: ir.Constant(vty, [float(v)] * vty.count)  # noqa: E731
+    c = lambda v: ir.Constant(vty, [float(v)] * vty.count)
     lo = builder.fcmp_ordered("<", x, c(_X2_LO))
     xc = builder.select(lo, c(_X2_LO), x)
     hi = builder.fcmp_ordered(">", xc, c(_X2_HI))
@@ -398,7 +398,7 @@ def _mamba_states16_f32(typingctx, ps, pa, pb, pc, pn, scale, dtv, du):
     def codegen(context, builder, signature, args):
         ps, pa, pb, pc, pn, scale, dtv, du = args
         vty = ir.VectorType(ir.FloatType(), 16)
-        load = lambda p: builder.load(builder.bitcast(p, vty.as_pointer()), align=4)  # noqa: E731
+        load = lambda p: builder.load(builder.bitcast(p, vty.as_pointer()), align=4)
         a_scaled = builder.fmul(load(pa), _splat(builder, scale, vty))
         abar = _vexp2_f32(builder, builder.fmul(_splat(builder, dtv, vty), a_scaled))
         h = _fma(builder, abar, load(ps), builder.fmul(_splat(builder, du, vty), load(pb)))
@@ -481,7 +481,7 @@ def _emit_8x16_f32(builder, ps, pa, pb, pc, pn, sb, sc, scale, pdt, pdu, pdx, pg
     dus = builder.load(at(pdu, 0, v8), align=4)
     halves = []
     for i in range(8):
-        lane = lambda v: builder.shuffle_vector(v, ir.Constant(v8, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [i] * 16))  # noqa: E731,B023
+        lane = lambda v: builder.shuffle_vector(v, ir.Constant(v8, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [i] * 16))  # noqa: B023
         bi = builder.mul(sb, ir.Constant(intp, i))
         ci = builder.mul(sc, ir.Constant(intp, i))
         abar = _vexp2_f32(builder, builder.fmul(lane(dts), builder.load(at(pa, 16 * i, v16), align=4)))
@@ -546,7 +546,7 @@ def mamba_channels8(typingctx, state, A, B, C, new_state, work, y, b, d0, gb, gc
         tys = signature.args
         intp = context.get_value_type(types.intp)
         zero = ir.Constant(intp, 0)
-        ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)  # noqa: E731
+        ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)
         pb = ptr(2, [b_, gb_, zero] if tys[2].ndim == 3 else [d0_, zero])
         pc = ptr(3, [b_, gc_, zero] if tys[3].ndim == 3 else [d0_, zero])
         rows = [ptr(5, [ir.Constant(intp, r), b_, d0_]) for r in range(4)]
@@ -699,7 +699,7 @@ def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul,
         ts_, tt_, b_, gb_, gc_, t_ = _intp_args(context, builder, signature, args, 16)
         intp = context.get_value_type(types.intp)
         zero = ir.Constant(intp, 0)
-        ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)  # noqa: E731
+        ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)
 
         def last_extent(i):
             return cgutils.unpack_tuple(builder, context.make_array(tys[i])(context, builder, args[i]).shape)[-1]
