@@ -89,6 +89,9 @@ def to_backend(backend: Any, **arrays: Any) -> dict[str, Any]:
 
 def check_ndim(name: str, x: Any, forms: dict[int, str]) -> int:
     """Check that x.ndim is one of ``forms`` (ndim -> what the axes mean); returns it."""
+    if x is None:
+        expected = " or ".join(forms.values())
+        raise TypeError(f"{name} is required: pass an array of shape {expected}, got None")
     ndim = x.ndim
     if ndim not in forms:
         expected = " or ".join(f"{n}-dimensional {meaning}" for n, meaning in forms.items())
@@ -197,6 +200,8 @@ def native_step_args(backend: Any, state, x, dt, A, B, C, D, z, dt_bias, discret
     Decoding calls this once a token and layer, so it does no more than a few
     ``isinstance`` tests, dictionary lookups and tuple comparisons (about 1.5 us).
     """
+    if state is None or x is None or dt is None or A is None or B is None or C is None:
+        return None  # the caller's checks name the missing one
     is_native = backend.module.is_native
     is_float = _is_float
     for v in (state, x, dt, A, B, C, D, z, dt_bias):
@@ -218,6 +223,10 @@ def step_args(state, x, dt, A, B, C, D, z, dt_bias, discretization) -> tuple[Any
     """Validate the arguments of :func:`portassm.scan_step`; returns B and C as (batch, groups, dstate)."""
     # decoding calls this once a token: accept the usual case with a few tuple
     # comparisons, and leave the detailed checks (and their messages) to the rest
+    if state is None or x is None or dt is None or A is None or B is None or C is None:
+        for name, v in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+            if v is None:
+                raise TypeError(f"{name} is required: pass an array, got None")
     shape = x.shape
     if (
         len(shape) == 2 and dt.shape == shape and A.ndim == 2 and A.shape[0] == shape[1]

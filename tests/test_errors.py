@@ -35,6 +35,8 @@ def bad_cases(rng):
         ("complex A", with_(A=good["A"].astype(np.complex128)), TypeError, "A must be a real floating array"),
         ("not an array", with_(D=[1.0] * 6), TypeError, "D must be an array, got list"),
         ("method", with_(discretization="euler"), ValueError, "discretization must be one of mamba, zoh, bilinear, got 'euler'"),
+        ("u missing", with_(u=None), TypeError, "u is required: pass an array of shape (batch, dim, seqlen), got None"),
+        ("C missing", with_(C=None), TypeError, "C is required"),
     ]
 
 
@@ -66,6 +68,10 @@ def test_bad_step_inputs(backend, rng):
         portassm.scan_step(state, x, x, A, B, B, to(np.ones(5)))
     with pytest.raises(ShapeError, match="x must be 2-dimensional"):
         portassm.scan_step(state, x[0], x[0], A, B, B)
+    args = [state, x, x, A, B, B]
+    for i, name in enumerate(("state", "x", "dt", "A", "B", "C")):
+        with pytest.raises(TypeError, match=f"{name} is required: pass an array, got None"):
+            portassm.scan_step(*args[:i], None, *args[i + 1:])
 
 
 def test_bad_vjp_and_conv_inputs(backend, rng):
