@@ -132,6 +132,44 @@ def test_kernels_load_from_the_disk_cache_in_a_fresh_process(tmp_path):
     assert any(tmp_path.rglob("*.nbi")), "no index file written in NUMBA_CACHE_DIR"
 
 
+def test_kernels_cached_by_a_smaller_thread_pool_run_in_a_larger_one(tmp_path):
+    """A kernel compiled and cached by a 1-thread process runs right in a 4-thread one.
+
+    The scan kernels keep per-thread scratch rows; their count is an argument, so a
+    cached kernel does not carry the pool size of the process that compiled it (it did
+    once, and a larger pool then wrote past the scratch arrays: heap corruption).
+    """
+    script = (
+        "import numpy as np, portassm\n"
+        "rng = np.random.default_rng(0)\n"
+        "b, d, L, n = 2, 96, 70, 16\n"
+        "u, dt, z = (rng.standard_normal((b, d, L)).astype(np.float32) for _ in range(3))\n"
+        "A = -np.exp(rng.standard_normal((d, n))).astype(np.float32)\n"
+        "B, C = (rng.standard_normal((b, n, L)).astype(np.float32) for _ in range(2))\n"
+        "D = rng.standard_normal(d).astype(np.float32)\n"
+        "args = (u, dt, A, B, C, D, z)\n"
+        "dout = rng.standard_normal((b, d, L)).astype(np.float32)\n"
+        "def run(name):\n"
+        "    with portassm.use_backend(name):\n"
+        "        y, vjp = portassm.scan_with_vjp(*[a.astype(np.float64) if name == 'numpy' else a for a in args],\n"
+        "                                        delta_softplus=True)\n"
+        "        return np.asarray(y, np.float64), np.asarray(vjp(dout.astype(y.dtype)).du, np.float64)\n"
+        "(y, du), (y0, du0) = run('numba'), run('numpy')\n"
+        "rel = lambda a, r: float(np.linalg.norm(a - r) / np.linalg.norm(r))\n"
+        "print(rel(y, y0), rel(du, du0))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    for threads in ("1", "4"):
+        try:  # a corrupted heap can hang the process instead of aborting it
+            run = subprocess.run([sys.executable, "-c", script], env={**env, "NUMBA_NUM_THREADS": threads},
+                                 capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"NUMBA_NUM_THREADS={threads}: no result after 300 s")
+        assert run.returncode == 0, f"NUMBA_NUM_THREADS={threads}: exit {run.returncode}\n{run.stderr[-2000:]}"
+        err_y, err_du = map(float, run.stdout.split())
+        assert err_y < 1e-5 and err_du < 1e-4, (threads, err_y, err_du)
+
+
 # --------------------------------------------------------------------------- the float32 exponential
 
 

@@ -188,13 +188,15 @@ def _make_scan_fwd(method: int):
     # unrolled code stayed scalar (the backward's adjoint: 3.5x slower).
     @njit(parallel=True, fastmath=nk.FASTMATH, **nk.JIT)
     def scan_fwd_kernel(
-        u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc, lanes, out, last, save, ckpt,
+        u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc, lanes, out, last, save, ckpt, nth,
     ):
         batch, dim, seqlen = u.shape
         dstate = A.shape[1]
         nseg = dim // segment
         dt_ = u.dtype
-        nth = 2 * numba.config.NUMBA_NUM_THREADS  # thread i uses slot 2 i: no cache line shared between threads
+        # nth: scratch slots, 2 per thread of the pool (thread i uses slot 2 i: no cache line
+        # shared between threads); an argument, not numba.config read here, which would be
+        # frozen into the cached machine code at the pool size of the process that compiled it
         a_ = np.empty((nth, dstate, LANES), dt_)
         as_ = np.empty((nth, dstate, LANES), dt_)
         bl = np.empty((nth, dstate, LANES), dt_)  # time-invariant B and C, per lane
@@ -290,6 +292,17 @@ class Checkpoints:
         return self.states.nbytes
 
 
+def _scratch_slots() -> int:
+    """Per-thread scratch rows of the scan kernels: two for each thread of numba's pool.
+
+    ``numba.get_thread_id()`` is below the pool's size, ``numba.config.NUMBA_NUM_THREADS``
+    of this process. It is passed at run time: read inside a kernel, it would be a
+    compile-time constant, and a kernel cached by a process with a smaller pool would
+    index past its scratch arrays.
+    """
+    return 2 * numba.config.NUMBA_NUM_THREADS
+
+
 def _checkpoint_shape(batch: int, dim: int, seqlen: int, dstate: int, segment: int, nsub: int) -> tuple[int, ...]:
     return batch * (dim // segment) * nsub, -(-seqlen // CHUNK), dstate, LANES
 
@@ -320,7 +333,7 @@ def scan_fwd(
     _SCAN_FWD[nk.METHOD_NUMBER[discretization]](
         u_, delta_, A_, B_, C_, _per_channel(D_, dim, ct), _dummy_like(ct) if z_ is None else z_,
         _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc, LANES, out, last,
-        bool(save_checkpoints), ckpt,
+        bool(save_checkpoints), ckpt, _scratch_slots(),
     )
     out = out.astype(u.dtype, copy=False)
     return (out, last, Checkpoints(ckpt)) if save_checkpoints else (out, last)
@@ -335,14 +348,16 @@ def _make_scan_bwd(method: int):
     @njit(parallel=True, fastmath=nk.FASTMATH_REDUCE, **nk.JIT)
     def scan_bwd_kernel(
         dout, dlast, u, delta, A, B, C, D, z, bias, h0, softplus, has_z, segment, nsub, wb, wc, lanes, have_ckpt, ckpt,
-        du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0,
+        du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0, nth,
     ):
         batch, dim, seqlen = u.shape
         dstate = A.shape[1]
         nseg = dim // segment
         nchunks = (seqlen + CHUNK - 1) // CHUNK
         dt_ = u.dtype
-        nth = 2 * numba.config.NUMBA_NUM_THREADS  # thread i uses slot 2 i: no cache line shared between threads
+        # nth: scratch slots, 2 per thread of the pool (thread i uses slot 2 i: no cache line
+        # shared between threads); an argument, not numba.config read here, which would be
+        # frozen into the cached machine code at the pool size of the process that compiled it
         a_ = np.empty((nth, dstate, LANES), dt_)
         as_ = np.empty((nth, dstate, LANES), dt_)
         bl = np.empty((nth, dstate, LANES), dt_)
@@ -630,7 +645,7 @@ def scan_bwd(
     _SCAN_BWD[nk.METHOD_NUMBER[discretization]](
         dout_, dlast, u_, delta_, A_, B_, C_, _per_channel(D_, dim, ct), _dummy_like(ct) if z_ is None else z_,
         _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc, LANES,
-        residuals is not None, ckpt, du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0,
+        residuals is not None, ckpt, du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0, _scratch_slots(),
     )
     dB = dB_part.sum(axis=0) if B_.ndim == 4 else dB_part[0].sum(axis=0)
     dC = dC_part.sum(axis=0) if C_.ndim == 4 else dC_part[0].sum(axis=0)
