@@ -14,6 +14,7 @@ forward kept (the state every ``CK`` steps, never all states).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -699,8 +700,39 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
     return y, (new_state if padded is state else new_state[..., :dstate].contiguous())
 
 
+#: the step kernel compiled for each specialisation seen on CUDA tensors, launched without
+#: Triton's argument binding (see ``_triton_step``)
+_STEP_COMPILED: dict[tuple, Any] = {}
+
+
+@functools.cache
+def _knobs_runtime() -> Any:
+    """Triton's run-time knobs (its launch hooks), or None where this Triton has none (before 3.4)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return getattr(knobs, "runtime", None)
+
+
+def _no_hook(hook: Any) -> bool:
+    """Whether a Triton launch hook is unset: None, or an empty chain of hooks (Triton 3.5 and later)."""
+    return hook is None or not getattr(hook, "calls", True)
+
+
 def _triton_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization):
-    """One token through ``_scan_step_kernel``; the launch path is kept thin for decoding."""
+    """One token through ``_scan_step_kernel``; the launch path is kept thin for decoding.
+
+    Decoding launches this kernel once a token and layer, and Triton's launcher
+    (``JITFunction.run``: binding and specialising 22 arguments, the cache key) costs
+    more host time than the kernel's 5 us on the GPU. On CUDA tensors the compiled kernel
+    of each specialisation is therefore kept here, under a key of everything Triton
+    specialises this kernel on (each pointer's dtype and 16-byte alignment, each integer's
+    being 1 or a multiple of 16, the compile-time flags, the device), and launched directly
+    through its ``run``, with the arguments in the kernel's order, as Triton 3.3 and later
+    launch it. With a launch hook installed (a profiler's), or on a first call, the
+    launch goes through Triton.
+    """
     batch, dim = x.shape
     B_vary, C_vary = B.ndim == 3, C.ndim == 3
     groups = B.shape[1] if B_vary else (C.shape[1] if C_vary else 1)
@@ -710,33 +742,29 @@ def _triton_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretizati
     state, x, dt, A, B, C = (t.contiguous() for t in (state, x, dt, A, B, C))
     y = torch.empty_like(x)
     new_state = torch.empty_like(state)
-    _kernels()._scan_step_kernel[(_cdiv(dim, block_d), batch)](
-        state,
-        x,
-        dt,
-        x if z is None else z.contiguous(),
-        A,
-        B,
-        C,
-        A if D is None else D,
-        A if dt_bias is None else dt_bias,
-        y,
-        new_state,
-        dim,
-        dim // groups,
-        groups,
-        DSTATE=A.shape[1],
-        BLOCK_D=block_d,
-        num_warps=1,
-        **_flags(
-            D,
-            z,
-            dt_bias,
-            dt_softplus,
-            discretization,
-            B_vary,
-            C_vary,
-            _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias),
-        ),
-    )
+    ct = _compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    flags = _flags(D, z, dt_bias, dt_softplus, discretization, B_vary, C_vary, ct)
+    ptrs = (state, x, dt, x if z is None else z.contiguous(), A, B, C, A if D is None else D,
+            A if dt_bias is None else dt_bias, y, new_state)
+    ints = (dim, dim // groups, groups)
+    dstate = A.shape[1]
+    grid = (_cdiv(dim, block_d), batch)
+    key = None
+    if x.is_cuda:
+        key = (
+            x.device.index, dstate, block_d, ct, *flags.values(),
+            *[(t.dtype, t.data_ptr() % 16 == 0) for t in ptrs], *[(v == 1, v % 16 == 0) for v in ints],
+        )
+        compiled = _STEP_COMPILED.get(key)
+        if compiled is not None:
+            runtime = _knobs_runtime()
+            if runtime is not None and _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook):
+                compiled.run(
+                    grid[0], grid[1], 1, torch.cuda.current_stream(x.device).cuda_stream, compiled.function,
+                    compiled.packed_metadata, None, None, None, *ptrs, *ints, dstate, block_d, *flags.values(),
+                )
+                return y, new_state
+    compiled = _kernels()._scan_step_kernel[grid](*ptrs, *ints, DSTATE=dstate, BLOCK_D=block_d, num_warps=1, **flags)
+    if key is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        _STEP_COMPILED[key] = compiled
     return y, new_state
