@@ -56,6 +56,7 @@ _options: dict[str, Any] = {
     "gluon_warps": 2,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
     "gluon_steps": 16,  # tile length of the Gluon forward
     "bwd_maxnreg": None,  # register cap of the backward kernel
+    "direct_step": True,  # launch the compiled step kernel through its run, without Triton's binding
 }
 
 
@@ -67,7 +68,7 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``; unknown names are a TypeError."""
+    ``gluon_warps``, ``gluon_steps``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
@@ -750,7 +751,7 @@ def _triton_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretizati
     dstate = A.shape[1]
     grid = (_cdiv(dim, block_d), batch)
     key = None
-    if x.is_cuda:
+    if x.is_cuda and _options["direct_step"]:
         key = (
             x.device.index, dstate, block_d, ct, *flags.values(),
             *[(t.dtype, t.data_ptr() % 16 == 0) for t in ptrs], *[(v == 1, v % 16 == 0) for v in ints],
