@@ -421,6 +421,11 @@ class MambaLM:
         (torch tensors, or cupy arrays in float32 or float64, whose step runs the kernels
         of ``backends/cupy_decode.py``): default True. ``generate`` and ``stream`` take it
         per call.
+    row_panels : bool
+        On the numba backend in float32, decode batches of 2 to 16 sequences with the
+        weights packed for :mod:`portassm.backends.numba_gemm` (packed on the first such
+        step; as much memory again as the matrices): default True. False keeps NumPy's
+        (BLAS) matrix products.
 
     Treat the weight attributes as read-only: the decoding path keeps values derived
     from them at construction (``-exp(A_log)``, transposed views) and captures CUDA
@@ -471,6 +476,8 @@ class MambaLM:
             self.lm_head = self.embedding if config.tie_embeddings else put("lm_head.weight")
             self._steps = [_LayerStep(xp, params, norm) for params, norm in zip(self.layers, self.norms)]
         self.cuda_graph = True
+        self.row_panels = True
+        self._panels: _RowPanels | None = None  # packed on the first step that uses them
         self._graphs: dict[int, Any] = {}  # batch -> captured decoding step (None: capture failed)
         # cupy: the decoding step in the kernels of backends/cuda_model/decode.cu (capturable in a graph)
         self._decoder = None
@@ -663,10 +670,30 @@ class MambaLM:
         with self._on_backend() as xp:
             h = self._embed(xp, ids)[:, 0, :]
             new_cache: Cache = []
-            h = self._step_layers(xp, h, cache, new_cache)
-            return self._head(xp, h), new_cache
+            rows = self._row_panels(ids.shape[0])
+            h = self._step_layers(xp, h, cache, new_cache, rows)
+            return self._step_head(xp, h, rows), new_cache
 
-    def _step_layers(self, xp: Any, h: Array, cache: Cache, new_cache: Cache | None) -> Array:
+    def _step_head(self, xp: Any, h: Array, rows: _RowPanels | None) -> Array:
+        """The logits of a decoding step: :meth:`_head`, through the packed head when ``rows`` is given."""
+        if rows is None:
+            return self._head(xp, h)
+        x = _rms_norm(xp, h, self.norm_f, self.config.norm_eps)
+        return _cast(xp, rows.matmul(x, rows.head), self._residual_dtype)
+
+    def _row_panels(self, batch: int) -> _RowPanels | None:
+        """The weights packed for :mod:`portassm.backends.numba_gemm`, when a step of ``batch``
+        rows uses it (numba backend, float32, 2 to 16 rows, ``row_panels`` on); packed on the first
+        such step and kept."""
+        if not (self.row_panels and self.backend.name == "numba" and self.dtype == "float32" and 2 <= batch <= 16):
+            return None
+        if self._panels is None:
+            self._panels = _RowPanels(self)
+        return self._panels
+
+    def _step_layers(
+        self, xp: Any, h: Array, cache: Cache, new_cache: Cache | None, rows: _RowPanels | None = None
+    ) -> Array:
         """The residual stream after every layer's block step, for one token.
 
         The block of :func:`portassm.mamba_block_step`, the same operations in the same
@@ -678,9 +705,10 @@ class MambaLM:
         scan_step = self.backend.module.scan_step
         eps = self.config.norm_eps
         d_inner, d_state, rank = self.config.d_inner, self.config.d_state, self.config.dt_rank
-        for layer, (conv_state, ssm_state) in zip(self._steps, cache):
+        steps, matmul = (self._steps, xp.matmul) if rows is None else (rows.steps, rows.matmul)
+        for layer, (conv_state, ssm_state) in zip(steps, cache):
             x = _rms_norm(xp, h, layer.norm, eps)
-            xz = xp.matmul(x, layer.in_w)
+            xz = matmul(x, layer.in_w)
             if layer.in_b is not None:
                 xz = xz + layer.in_b
             xs, z = xz[:, :d_inner], xz[:, d_inner:]
@@ -692,11 +720,11 @@ class MambaLM:
             if layer.conv_b is not None:
                 xs = xs + layer.conv_b
             xs, conv_new = ops._silu(xp, xs), window[..., 1:]
-            x_dbl = xp.matmul(xs, layer.x_w)
-            dt = xp.matmul(x_dbl[:, :rank], layer.dt_w)
+            x_dbl = matmul(xs, layer.x_w)
+            dt = matmul(x_dbl[:, :rank], layer.dt_w)
             B, C = x_dbl[:, None, rank : rank + d_state], x_dbl[:, None, rank + d_state :]
             y, ssm_new = scan_step(ssm_state, xs, dt, layer.A, B, C, layer.D, z, layer.dt_b, True, "mamba")
-            out = xp.matmul(y, layer.out_w)
+            out = matmul(y, layer.out_w)
             if layer.out_b is not None:
                 out = out + layer.out_b
             h = h + _cast(xp, out, h.dtype)
@@ -712,7 +740,8 @@ class MambaLM:
         if self._decoder is not None:
             return self._decoder.step_in_place(ids, cache)
         h = self._embed_flat(xp, ids)
-        return self._head(xp, self._step_layers(xp, h, cache, None))
+        rows = self._row_panels(h.shape[0])
+        return self._step_head(xp, self._step_layers(xp, h, cache, None, rows), rows)
 
     def _check_ids(self, input_ids: Any) -> tuple[np.ndarray, bool]:
         ids = np.asarray(input_ids)
@@ -872,6 +901,26 @@ class _LayerStep:
         self.x_w, self.dt_w, self.dt_b = t(params["x_proj.weight"]), t(params["dt_proj.weight"]), params["dt_proj.bias"]
         self.A, self.D = -xp.exp(params["A_log"]), params["D"]
         self.out_w, self.out_b = t(params["out_proj.weight"]), params.get("out_proj.bias")
+
+
+class _RowPanels:
+    """A float32 model's matrices packed for the decoding step of a few rows on the CPU
+    (:mod:`portassm.backends.numba_gemm`): per layer a copy of its :class:`_LayerStep` whose
+    projections are :class:`~portassm.backends.numba_gemm.Panels`, and the head. As much
+    memory again as the model's matrices."""
+
+    def __init__(self, model: MambaLM) -> None:
+        from .backends import numba_gemm
+
+        self.matmul = lambda x, w: numba_gemm.matmul(np.ascontiguousarray(x, np.float32), w)
+        self.steps = []
+        for step in model._steps:
+            packed = _LayerStep.__new__(_LayerStep)
+            for name in _LayerStep.__slots__:
+                value = getattr(step, name)
+                setattr(packed, name, numba_gemm.Panels(value) if name in ("in_w", "x_w", "dt_w", "out_w") else value)
+            self.steps.append(packed)
+        self.head = numba_gemm.Panels(np.ascontiguousarray(model.lm_head.T))
 
 
 def _graph_kind(model: MambaLM) -> str | None:

@@ -170,6 +170,24 @@ def test_kernels_cached_by_a_smaller_thread_pool_run_in_a_larger_one(tmp_path):
         assert err_y < 1e-5 and err_du < 1e-4, (threads, err_y, err_du)
 
 
+def test_row_panel_product_matches_float64():
+    """numba_gemm.matmul: any row count (groups of 8, a partial group), columns not a multiple of the panel width."""
+    from portassm.backends import numba_gemm
+
+    rng = np.random.default_rng(3)
+    for k, n in ((37, 50), (64, 16), (5, 1)):
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        packed = numba_gemm.Panels(w)
+        for rows in (1, 2, 8, 11, 17):
+            x = rng.standard_normal((rows, k)).astype(np.float32)
+            got = numba_gemm.matmul(x, packed)
+            ref = x.astype(np.float64) @ w.astype(np.float64)
+            assert got.shape == (rows, n) and got.dtype == np.float32
+            assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-6, (k, n, rows)
+    with pytest.raises(ValueError, match="x has 3 columns but W has 37 rows"):
+        numba_gemm.matmul(np.ones((2, 3), np.float32), numba_gemm.Panels(np.ones((37, 4), np.float32)))
+
+
 # --------------------------------------------------------------------------- the float32 exponential
 
 
