@@ -920,7 +920,7 @@ class _RowPanels:
                 value = getattr(step, name)
                 setattr(packed, name, numba_gemm.Panels(value) if name in ("in_w", "x_w", "dt_w", "out_w") else value)
             self.steps.append(packed)
-        self.head = numba_gemm.Panels(np.ascontiguousarray(model.lm_head.T))
+        self.head = numba_gemm.Panels(model.lm_head.T)
 
 
 def _graph_kind(model: MambaLM) -> str | None:
