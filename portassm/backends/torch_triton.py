@@ -729,7 +729,7 @@ def _triton_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretizati
     more host time than the kernel's 5 us on the GPU. On CUDA tensors the compiled kernel
     of each specialisation is therefore kept here, under a key of everything Triton
     specialises this kernel on (each pointer's dtype and 16-byte alignment, each integer's
-    being 1 or a multiple of 16, the compile-time flags, the device), and launched directly
+    being 1, a multiple of 16, or past 32 bits, the compile-time flags, the device), and launched directly
     through its ``run``, with the arguments in the kernel's order, as Triton 3.3 and later
     launch it. With a launch hook installed (a profiler's), or on a first call, the
     launch goes through Triton.
@@ -754,7 +754,7 @@ def _triton_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretizati
     if x.is_cuda and _options["direct_step"]:
         key = (
             x.device.index, dstate, block_d, ct, *flags.values(),
-            *[(t.dtype, t.data_ptr() % 16 == 0) for t in ptrs], *[(v == 1, v % 16 == 0) for v in ints],
+            *[(t.dtype, t.data_ptr() % 16 == 0) for t in ptrs], *[(v == 1, v % 16 == 0, v >= 2**31) for v in ints],
         )
         compiled = _STEP_COMPILED.get(key)
         if compiled is not None:
