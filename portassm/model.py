@@ -585,9 +585,13 @@ class MambaLM:
             rows = xp.take(self.embedding, flat, axis=0)
         return _cast(xp, rows, self._residual_dtype)
 
-    def _head(self, xp: Any, h: Array) -> Array:
+    def _head(self, xp: Any, h: Array, rows: _RowPanels | None = None) -> Array:
+        """Logits from the residual stream; through the packed head when ``rows`` is given (decoding)."""
         x = _rms_norm(xp, h, self.norm_f, self.config.norm_eps)
-        logits = xp.matmul(x, xp.matrix_transpose(self.lm_head))
+        if rows is None:
+            logits = xp.matmul(x, xp.matrix_transpose(self.lm_head))
+        else:
+            logits = rows.matmul(x, rows.head)
         return _cast(xp, logits, self._residual_dtype)
 
     def forward(
@@ -672,14 +676,7 @@ class MambaLM:
             new_cache: Cache = []
             rows = self._row_panels(ids.shape[0])
             h = self._step_layers(xp, h, cache, new_cache, rows)
-            return self._step_head(xp, h, rows), new_cache
-
-    def _step_head(self, xp: Any, h: Array, rows: _RowPanels | None) -> Array:
-        """The logits of a decoding step: :meth:`_head`, through the packed head when ``rows`` is given."""
-        if rows is None:
-            return self._head(xp, h)
-        x = _rms_norm(xp, h, self.norm_f, self.config.norm_eps)
-        return _cast(xp, rows.matmul(x, rows.head), self._residual_dtype)
+            return self._head(xp, h, rows), new_cache
 
     def _row_panels(self, batch: int) -> _RowPanels | None:
         """The weights packed for :mod:`portassm.backends.numba_gemm`, when a step of ``batch``
@@ -741,7 +738,7 @@ class MambaLM:
             return self._decoder.step_in_place(ids, cache)
         h = self._embed_flat(xp, ids)
         rows = self._row_panels(h.shape[0])
-        return self._step_head(xp, self._step_layers(xp, h, cache, None, rows), rows)
+        return self._head(xp, self._step_layers(xp, h, cache, None, rows), rows)
 
     def _check_ids(self, input_ids: Any) -> tuple[np.ndarray, bool]:
         ids = np.asarray(input_ids)
@@ -912,7 +909,7 @@ class _RowPanels:
     def __init__(self, model: MambaLM) -> None:
         from .backends import numba_gemm
 
-        self.matmul = lambda x, w: numba_gemm.matmul(np.ascontiguousarray(x, np.float32), w)
+        self.matmul = numba_gemm.matmul
         self.steps = []
         for step in model._steps:
             packed = _LayerStep.__new__(_LayerStep)

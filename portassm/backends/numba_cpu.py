@@ -194,9 +194,7 @@ def _make_scan_fwd(method: int):
         dstate = A.shape[1]
         nseg = dim // segment
         dt_ = u.dtype
-        # nth: scratch slots, 2 per thread of the pool (thread i uses slot 2 i: no cache line
-        # shared between threads); an argument, not numba.config read here, which would be
-        # frozen into the cached machine code at the pool size of the process that compiled it
+        # nth (_scratch_slots): thread i uses slot 2 i, no cache line shared between threads
         a_ = np.empty((nth, dstate, LANES), dt_)
         as_ = np.empty((nth, dstate, LANES), dt_)
         bl = np.empty((nth, dstate, LANES), dt_)  # time-invariant B and C, per lane
@@ -355,9 +353,7 @@ def _make_scan_bwd(method: int):
         nseg = dim // segment
         nchunks = (seqlen + CHUNK - 1) // CHUNK
         dt_ = u.dtype
-        # nth: scratch slots, 2 per thread of the pool (thread i uses slot 2 i: no cache line
-        # shared between threads); an argument, not numba.config read here, which would be
-        # frozen into the cached machine code at the pool size of the process that compiled it
+        # nth (_scratch_slots): thread i uses slot 2 i, no cache line shared between threads
         a_ = np.empty((nth, dstate, LANES), dt_)
         as_ = np.empty((nth, dstate, LANES), dt_)
         bl = np.empty((nth, dstate, LANES), dt_)

@@ -100,7 +100,8 @@ class Panels:
 
 
 def matmul(x: np.ndarray, w: Panels) -> np.ndarray:
-    """``x @ W`` for x (rows, K) float32 and W packed as :class:`Panels`; (rows, N) float32."""
+    """``x @ W`` for x (rows, K), any layout (copied as float32 by blocks of ROWS rows), and W
+    packed as :class:`Panels`; (rows, N) float32."""
     rows, k = x.shape
     if k != w.panels.shape[1]:
         raise ValueError(f"x has {k} columns but W has {w.panels.shape[1]} rows")
