@@ -320,12 +320,20 @@ def test_b_and_c_with_different_groups(use_numba):
         assert rel_err(got, ref) <= TOLERANCE["float64"], name
 
 
-def test_invariant_b_with_selective_c(use_numba):
-    rng = np.random.default_rng(6)
-    case = make_case(rng, batch=2, dim=20, seqlen=30, dstate=4, form="selective")
-    case.B = rng.standard_normal((20, 4))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dstate", [4, 8])  # 8: the adjoint in LLVM vectors, which also makes y and dC
+@pytest.mark.parametrize("invariant", ["B", "C"])
+def test_one_of_b_and_c_invariant(use_numba, dtype, dstate, invariant):
+    rng = np.random.default_rng(6 + dstate)
+    case = make_case(rng, batch=2, dim=20, seqlen=90, dstate=dstate, form="selective")
+    setattr(case, invariant, rng.standard_normal((20, dstate)))
+    case = case.astype(dtype)
     out = portassm.scan(**case.kwargs())
-    assert rel_err(out, oracle_forward(case)[0]) <= TOLERANCE["float64"]
+    assert rel_err(out, oracle_forward(case)[0]) <= TOLERANCE[dtype]
+    dout = rng.standard_normal(case.u.shape).astype(dtype)
+    _, vjp = portassm.scan_with_vjp(**case.kwargs())
+    for name, got, ref in zip(case.ARRAYS, vjp(dout), oracle_grads(case, dout, None)):
+        assert rel_err(got, ref) <= TOLERANCE[dtype], name
 
 
 def test_non_contiguous_gradients(use_numba):

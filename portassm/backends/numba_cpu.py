@@ -386,6 +386,9 @@ def _make_scan_bwd(method: int):
         s1 = np.empty((nth, LANES), dt_)
         s2 = np.empty((nth, LANES), dt_)
         dDl = np.zeros((nth, LANES), dt_)
+        # mamba's adjoint in LLVM vectors, states 8 at a time; it also rebuilds the state
+        # after each step and makes y and dC from it, so the recompute only stores states
+        fused = method == nk.MAMBA and dstate % 8 == 0
         for job in prange(batch * nseg * nsub):
             tid = numba.get_thread_id()
             ts = 2 * tid
@@ -464,7 +467,8 @@ def _make_scan_bwd(method: int):
                         acc += dy * uu
                         dua[ts, j, tt] = Dd * dy
                     dDl[ts, j] += acc
-                # recompute the chunk's states from its checkpoint (and y, and dC, which needs no adjoint)
+                # recompute the chunk's states from its checkpoint (unless ``fused``: y, and dC,
+                # which needs no adjoint, too)
                 for n in range(dstate):
                     for j in range(lanes):
                         h[ts, n, j] = ckpt[job, c, n, j]
@@ -475,6 +479,17 @@ def _make_scan_bwd(method: int):
                         dul[ts, j] = dus[ts, j, tt]
                         yl[ts, j] = zero  # D u is added where y is used (dz)
                         dyl[ts, j] = dys[ts, j, tt]
+                    if fused:
+                        for n in range(dstate):
+                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                            for j in range(LANES):
+                                abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
+                                bv = bn if B.ndim == 4 else bl[ts, n, j]
+                                hp = h[ts, n, j]
+                                hs[ts, tt, n, j] = hp
+                                abars[ts, tt, n, j] = abar
+                                h[ts, n, j] = abar * hp + dul[ts, j] * f * bv
+                        continue
                     for n in range(dstate):
                         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
                         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
@@ -496,11 +511,6 @@ def _make_scan_bwd(method: int):
                         dCc[ts, tt, n] = sum_c
                     for j in range(LANES):
                         ys[ts, j, tt] = yl[ts, j]
-                if has_z:
-                    for j in range(nl):
-                        Dd = D[d0 + j]
-                        for tt in range(tn):
-                            dz[b, d0 + j, uint64(t0 + tt)] = gzs[ts, j, tt] * (ys[ts, j, tt] + Dd * us[ts, j, tt])
                 # the adjoint, in reverse time. g is dL/dh after step tt; gv adds C dy.
                 # mamba (Abar = exp(Δ A), Bcoef = Δ): with q = Abar gv h_prev,
                 #   dΔ = Σ_n q A + u Σ_n gv B,  du += Δ Σ_n gv B,  dA += q Δ,  dB = Σ_lanes gv Δ u
@@ -516,9 +526,11 @@ def _make_scan_bwd(method: int):
                         dyl[ts, j] = dys[ts, j, tt]
                         s1[ts, j] = zero
                         s2[ts, j] = zero
-                    if method == nk.MAMBA and dstate % 8 == 0:  # in LLVM vectors, states 8 at a time
-                        nk.mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl,
-                                              ts, tt, b, gb, gc, t)
+                    if fused:
+                        nk.mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc,
+                                              dBl, dCc, dCl, ts, tt, b, gb, gc, t)
+                        for j in range(lanes):
+                            ys[ts, j, tt] = yl[ts, j]
                     else:
                         for n in range(dstate):
                             bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
@@ -561,6 +573,11 @@ def _make_scan_bwd(method: int):
                         else:
                             dua[ts, j, tt] += s1[ts, j]
                             ddt[ts, j, tt] = s2[ts, j]
+                if has_z:
+                    for j in range(nl):
+                        Dd = D[d0 + j]
+                        for tt in range(tn):
+                            dz[b, d0 + j, uint64(t0 + tt)] = gzs[ts, j, tt] * (ys[ts, j, tt] + Dd * us[ts, j, tt])
                 if B.ndim == 4:
                     for n in range(dstate):
                         for tt in range(tn):

@@ -585,15 +585,17 @@ def _lane_sums8(builder, rows):
 
 
 def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, pB, sB, pC, sC, pdt, pdul, pdy,
-                      ps1, ps2, pdb, dstate):
+                      ps1, ps2, pdb, pdc, py, dstate):
     """Emits one reverse step of mamba's adjoint over 16 lanes (channels), float32.
 
     Per state n (rows of 16 lanes, ``n * 16`` floats from each row pointer):
     ``gv = g + C_n dy``, ``g = Abar gv``, ``q = g h_prev``, ``s1 += gv B_n``,
-    ``s2 += q A``, ``dA += q Δ``, ``db = gv Δu``. A selective B_n or C_n is one float
-    (``pB + n sB``), broadcast to the lanes; a time-invariant one a row of 16 lanes. A
-    selective dB stores Σ_lanes db for every n at ``pdb + n`` (8 states at a time, one
-    transposed reduction); a time-invariant one adds db into the rows at ``pdb``.
+    ``s2 += q A``, ``dA += q Δ``, ``db = gv Δu``; and from the state after the step,
+    ``h = Abar h_prev + Δu B_n``: ``y += C_n h`` (stored at ``py``) and ``dc = h dy``.
+    A selective B_n or C_n is one float (``pB + n sB``), broadcast to the lanes; a
+    time-invariant one a row of 16 lanes. A selective dB (dC) stores Σ_lanes db (dc) for
+    every n at ``pdb + n`` (``pdc + n``; 8 states at a time, one transposed reduction); a
+    time-invariant one adds db (dc) into the rows at ``pdb`` (``pdc``).
     ``dstate`` must be a multiple of 8.
     """
     from numba.core import cgutils
@@ -615,9 +617,10 @@ def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, 
     dt, dul, dy = vload(pdt, zero), vload(pdul, zero), vload(pdy, zero)
     s1p = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
     s2p = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
+    yp = cgutils.alloca_once_value(builder, ir.Constant(v16, [0.0] * 16))
     with cgutils.for_range_slice(builder, zero, dstate, ir.Constant(intp, 8), intp) as (n0, _):
-        s1, s2 = builder.load(s1p), builder.load(s2p)
-        dbs = []
+        s1, s2, y = builder.load(s1p), builder.load(s2p), builder.load(yp)
+        dbs, dcs = [], []
         for k in range(8):
             n = builder.add(n0, ir.Constant(intp, k))
             off = builder.mul(n, ir.Constant(intp, 16))
@@ -630,9 +633,17 @@ def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, 
             else:
                 bn = vload(pB, off)
             gv = _fma(builder, cn, dy, vload(pg, off))
-            gn = builder.fmul(vload(pab, off), gv)
+            abar, hp = vload(pab, off), vload(phs, off)
+            gn = builder.fmul(abar, gv)
             vstore(gn, pg, off)
-            q = builder.fmul(gn, vload(phs, off))
+            q = builder.fmul(gn, hp)
+            h = _fma(builder, abar, hp, builder.fmul(dul, bn))
+            y = _fma(builder, cn, h, y)
+            dc = builder.fmul(h, dy)
+            if selective_c:
+                dcs.append(dc)
+            else:
+                vstore(builder.fadd(vload(pdc, off), dc), pdc, off)
             s1 = _fma(builder, gv, bn, s1)
             s2 = _fma(builder, q, vload(pa, off), s2)
             vstore(_fma(builder, q, dt, vload(pdA, off)), pdA, off)
@@ -643,29 +654,44 @@ def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, 
                 vstore(builder.fadd(vload(pdb, off), db), pdb, off)
         if selective_b:
             builder.store(_lane_sums8(builder, dbs), vptr(pdb, n0, v8), align=4)
+        if selective_c:
+            builder.store(_lane_sums8(builder, dcs), vptr(pdc, n0, v8), align=4)
         builder.store(s1, s1p)
         builder.store(s2, s2p)
+        builder.store(y, yp)
     vstore(builder.load(s1p), ps1, zero)
     vstore(builder.load(s2p), ps2, zero)
+    vstore(builder.load(yp), py, zero)
 
 
-def _adjoint_loops(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t):
+def _adjoint_loops(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc, dBl, dCc, dCl, ts, tt, b, gb,
+                   gc, t):
     lanes = g.shape[2]
     zero = const(g[0, 0, 0], 0.0)
     for j in range(lanes):
         s1[ts, j] = zero
         s2[ts, j] = zero
+        yl[ts, j] = zero
     for n in range(g.shape[1]):
         bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
         cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
         sum_b = zero
+        sum_c = zero
         for j in range(lanes):
             bv = bn if B.ndim == 4 else bl[ts, n, j]
             cv = cn if C.ndim == 4 else cl[ts, n, j]
             gv = g[ts, n, j] + cv * dyl[ts, j]
-            gn = abars[ts, tt, n, j] * gv
+            abar, hp = abars[ts, tt, n, j], hs[ts, tt, n, j]
+            gn = abar * gv
             g[ts, n, j] = gn
-            q = gn * hs[ts, tt, n, j]
+            q = gn * hp
+            h = abar * hp + dul[ts, j] * bv
+            yl[ts, j] += cv * h
+            dc = h * dyl[ts, j]
+            if C.ndim == 4:
+                sum_c += dc
+            else:
+                dCl[ts, n, j] += dc
             s1[ts, j] += gv * bv
             s2[ts, j] += q * a_[ts, n, j]
             dAl[ts, n, j] += q * dtl[ts, j]
@@ -675,19 +701,23 @@ def _adjoint_loops(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, d
             else:
                 dBl[ts, n, j] += db
         dBc[ts, tt, n] = sum_b
+        dCc[ts, tt, n] = sum_c
 
 
 @intrinsic
-def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb,
-                       gc, t):
+def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc, dBl, dCc, dCl,
+                       ts, tt, b, gb, gc, t):
     """One reverse step ``tt`` of mamba's adjoint for the 16 lanes of thread slot ``ts`` (see ``scan_bwd``).
 
-    Updates g and dA, writes the lane vectors s1 = Σ_n gv B and s2 = Σ_n q A, and dB:
-    ``dBc[ts, tt, n]`` (selective B: summed over lanes) or ``dBl[ts, n]`` (time-invariant).
+    Updates g and dA, writes the lane vectors s1 = Σ_n gv B, s2 = Σ_n q A and the
+    output before D and the gate, y = Σ_n C h (h: the state after the step, rebuilt
+    from the state before it), and dB and dC: ``dBc[ts, tt, n]`` (selective: summed
+    over lanes) or ``dBl[ts, n]`` (time-invariant), the same for dC.
     float32 with dstate a multiple of 8 (the caller's condition) is emitted into the
     calling kernel as LLVM vector code; float64 compiles the same as numba loops.
     """
-    sig = types.void(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, dBc, dBl, ts, tt, b, gb, gc, t)
+    sig = types.void(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc, dBl, dCc, dCl, ts, tt, b, gb,
+                     gc, t)
     vector = g.dtype == types.float32
 
     def codegen(context, builder, signature, args):
@@ -696,7 +726,7 @@ def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul,
         if not vector:
             return context.compile_internal(builder, _adjoint_loops, signature, args)
         tys = signature.args
-        ts_, tt_, b_, gb_, gc_, t_ = _intp_args(context, builder, signature, args, 16)
+        ts_, tt_, b_, gb_, gc_, t_ = _intp_args(context, builder, signature, args, 19)
         intp = context.get_value_type(types.intp)
         zero = ir.Constant(intp, 0)
         ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)
@@ -707,13 +737,14 @@ def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul,
         selective_b, selective_c = tys[5].ndim == 4, tys[6].ndim == 4
         pB, sB = (ptr(5, [b_, gb_, zero, t_]), last_extent(5)) if selective_b else (ptr(7, [ts_, zero, zero]), zero)
         pC, sC = (ptr(6, [b_, gc_, zero, t_]), last_extent(6)) if selective_c else (ptr(8, [ts_, zero, zero]), zero)
-        pdb = ptr(14, [ts_, tt_, zero]) if selective_b else ptr(15, [ts_, zero, zero])
+        pdb = ptr(15, [ts_, tt_, zero]) if selective_b else ptr(16, [ts_, zero, zero])
+        pdc = ptr(17, [ts_, tt_, zero]) if selective_c else ptr(18, [ts_, zero, zero])
         dstate = cgutils.unpack_tuple(builder, context.make_array(tys[0])(context, builder, args[0]).shape)[1]
         _emit_adjoint_f32(
             builder, selective_b, selective_c, ptr(0, [ts_, zero, zero]), ptr(1, [ts_, tt_, zero, zero]),
             ptr(2, [ts_, tt_, zero, zero]), ptr(3, [ts_, zero, zero]), ptr(4, [ts_, zero, zero]), pB, sB, pC, sC,
             ptr(9, [ts_, zero]), ptr(10, [ts_, zero]), ptr(11, [ts_, zero]), ptr(12, [ts_, zero]),
-            ptr(13, [ts_, zero]), pdb, dstate,
+            ptr(13, [ts_, zero]), pdb, pdc, ptr(14, [ts_, zero]), dstate,
         )
         return context.get_dummy_value()
 
