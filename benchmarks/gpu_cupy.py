@@ -48,6 +48,7 @@ OFFICIAL_STEP_US = 51.0
 
 # compile-time variants of scan.cu: (label, configure options, preprocessor definitions)
 VARIANTS = (
+    ("fwd two states per lane (LS_ROW=0)", {}, ("LS_ROW=0",)),
     ("fwd one state per lane (LS_PAIR=0)", {}, ("LS_PAIR=0",)),
     ("fwd two states per lane, 4 warps a block, 6 blocks/SM", {}, ("LP_WARPS=4", "LP_MIN_BLOCKS=6")),
 )

@@ -1120,6 +1120,195 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
 }
 
 // ---------------------------------------------------------------------------------
+// Forward, one channel per thread (`scan_fwd_row_kernel`): a thread holds all 16 states
+// of its channel in registers, so y = sum_n C_n h_n is summed inside the thread (no
+// shuffles) and a step is 16 independent chains of one multiply, one 2^x and two
+// multiply-adds. A block is one warp of 32 channels of one batch row and group. Per
+// tile of RW_TT steps, the warp stages u, delta (z) of its 32 channels coalesced (half
+// a warp reads 16 consecutive steps of one channel) and the group's B and C tiles,
+// transposed to [step][state] so that a step's 16 values are four 16-byte broadcast
+// reads; the next tile is in flight in registers while this one is scanned. y goes
+// back through shared memory and is written coalesced the same way.
+// Same arguments and modes as scan_fwd_pair_kernel; dstate <= 16, float compute.
+// Grid (ceil(dim / 32), batch, chunks), 32 threads.
+// ---------------------------------------------------------------------------------
+#ifndef RW_TT
+#define RW_TT 16
+#endif
+#ifndef RW_MIN_BLOCKS
+#define RW_MIN_BLOCKS 8
+#endif
+
+template <typename T, typename W, int DISC>
+__global__ void __launch_bounds__(32, RW_MIN_BLOCKS) scan_fwd_row_kernel(
+    const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, T* __restrict__ out,
+    const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv, const T* __restrict__ Csel,
+    const W* __restrict__ Cinv, const W* __restrict__ D, const W* __restrict__ delta_bias, int softplus_flag,
+    const W* __restrict__ h0, int h0_chunks, W* __restrict__ hend, W* __restrict__ pend, W* __restrict__ ckpt,
+    int nck, int dim, int dstate, long long seqlen, int groups, long long chunk_len) {
+    constexpr int NS = 16, TT = RW_TT, CPB = 32, RP = TT + 1, BS = NS + 4;
+    constexpr int RE = CPB * TT / 32;          // row elements per lane and array
+    constexpr int BE = (NS * TT + 31) / 32;    // B or C tile elements per lane
+    static_assert(TT % 4 == 0 && 32 % TT == 0 || TT % 32 == 0, "RW_TT: 4, 8, 16 or a multiple of 32");
+    __shared__ W s_d[CPB * RP], s_u[CPB * RP], s_z[CPB * RP];  // [channel][step]: delta, u, z; y after the scan
+    __shared__ __align__(16) W s_b[TT * BS], s_c[TT * BS];     // [step][state]
+    const int lane = threadIdx.x;
+    const int d0 = blockIdx.x * CPB, d = d0 + lane;
+    const bool dvalid = d < dim;
+    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z;
+    const long long t_begin = (long long)k * chunk_len;
+    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+    const int dd = dvalid ? d : 0;
+    const size_t chan = (size_t)b * dim + dd;
+    const int g_blk = (d0 < dim ? d0 : dim - 1) / (dim / groups);
+    const T* bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    const T* cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    W Av[NS], A2[NS], h[NS], prod[NS], binv[NS], cinv[NS];
+    const size_t hrow = (chan * h0_chunks + (h0_chunks == 1 ? 0 : k)) * dstate;
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+        const bool v = dvalid && n < dstate;
+        Av[n] = v ? A[(size_t)d * dstate + n] : W(0);
+        A2[n] = Av[n] * W(1.4426950408889634);
+        binv[n] = (v && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
+        cinv[n] = (v && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
+        h[n] = (v && h0) ? h0[hrow + n] : W(0);
+        prod[n] = W(1);
+    }
+    const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
+    const bool want_out = out != nullptr;
+    // element r of this lane's share of a tile of rows: channel d0 + row_cc(r), step row_tt(r)
+    auto row_cc = [&](int r) { return (lane + r * 32) / TT; };
+    auto row_tt = [&](int r) { return (lane + r * 32) % TT; };
+
+    auto body = [&](auto with_out, auto with_prod, auto both_selective) {
+        constexpr bool WO = decltype(with_out)::value, WP = decltype(with_prod)::value;
+        constexpr bool SEL = decltype(both_selective)::value;
+        T ru[RE], rd[RE], rz[RE], rb[BE], rc[BE];
+        auto fetch = [&](long long tn) {
+            const int ntn = (int)(t_end - tn < TT ? t_end - tn : TT);
+#pragma unroll
+            for (int r = 0; r < RE; ++r) {
+                const int cc = row_cc(r), tt = row_tt(r);
+                ru[r] = T{};
+                rd[r] = T{};
+                rz[r] = T{};
+                if (d0 + cc < dim && tt < ntn) {
+                    const size_t at = ((size_t)b * dim + d0 + cc) * seqlen + tn + tt;
+                    ru[r] = u[at];
+                    rd[r] = delta[at];
+                    if (WO && z) rz[r] = z[at];
+                }
+            }
+            if (Bsel) fetch_tile<NS, TT, BE, 32>(rb, bblk, dstate, seqlen, tn, ntn);
+            if (WO && Csel) fetch_tile<NS, TT, BE, 32>(rc, cblk, dstate, seqlen, tn, ntn);
+        };
+        if (t_begin < t_end) fetch(t_begin);
+        for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
+            const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
+            __syncwarp();  // the previous tile's y has been written out
+#pragma unroll
+            for (int r = 0; r < RE; ++r) {
+                const int at = row_cc(r) * RP + row_tt(r);
+                s_u[at] = widen(ru[r]);
+                s_d[at] = widen(rd[r]);
+                if (WO && z) s_z[at] = widen(rz[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < BE; ++r) {
+                const int e = lane + r * 32;
+                if (e < NS * TT) {
+                    if (Bsel) s_b[(e % TT) * BS + e / TT] = widen(rb[r]);
+                    if (WO && Csel) s_c[(e % TT) * BS + e / TT] = widen(rc[r]);
+                }
+            }
+            __syncwarp();
+            if (t0 + TT < t_end) fetch(t0 + TT);
+            if (ckpt && t0 % CKPT_T == 0 && dvalid) {
+                const size_t o = (chan * nck + t0 / CKPT_T) * dstate;
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+                    if (n < dstate) ckpt[o + n] = h[n];
+            }
+#pragma unroll 2
+            for (int j = 0; j < TT; ++j) {
+                const W raw = s_d[lane * RP + j] + bias, uu = s_u[lane * RP + j];
+                W dt = softplus_flag ? softplus(raw) : raw;
+                dt = j < nt ? dt : W(0);  // past the end: Abar = 1, the state does not move
+                const W x = DISC == DISC_MAMBA ? dt * uu : uu;
+                W bv[NS], cv[NS];
+                if (SEL || Bsel) {
+#pragma unroll
+                    for (int q = 0; q < NS / 4; ++q) {
+                        const float4 v4 = reinterpret_cast<const float4*>(s_b + j * BS)[q];
+                        bv[4 * q] = v4.x; bv[4 * q + 1] = v4.y; bv[4 * q + 2] = v4.z; bv[4 * q + 3] = v4.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int n = 0; n < NS; ++n) bv[n] = binv[n];
+                }
+                if (WO) {
+                    if (SEL || Csel) {
+#pragma unroll
+                        for (int q = 0; q < NS / 4; ++q) {
+                            const float4 v4 = reinterpret_cast<const float4*>(s_c + j * BS)[q];
+                            cv[4 * q] = v4.x; cv[4 * q + 1] = v4.y; cv[4 * q + 2] = v4.z; cv[4 * q + 3] = v4.w;
+                        }
+                    } else {
+#pragma unroll
+                        for (int n = 0; n < NS; ++n) cv[n] = cinv[n];
+                    }
+                }
+                W acc[4] = {W(0), W(0), W(0), W(0)};
+#pragma unroll
+                for (int n = 0; n < NS; ++n) {
+                    W abar;
+                    if (DISC == DISC_MAMBA) {
+                        abar = fexp2(dt * A2[n]);
+                        h[n] = abar * h[n] + bv[n] * x;
+                    } else {
+                        W bc;
+                        discretize<DISC>(dt, Av[n], A2[n], abar, bc);
+                        h[n] = abar * h[n] + (bc * x) * bv[n];
+                    }
+                    if (WP) prod[n] *= abar;
+                    if (WO) acc[n % 4] += cv[n] * h[n];
+                }
+                if (WO) {
+                    W y = (acc[0] + acc[1]) + (acc[2] + acc[3]) + Dd * uu;
+                    if (z) y *= silu(s_z[lane * RP + j]);
+                    s_d[lane * RP + j] = y;  // this lane's own slot, read above
+                }
+            }
+            if (WO) {
+                __syncwarp();
+#pragma unroll
+                for (int r = 0; r < RE; ++r) {
+                    const int cc = row_cc(r), tt = row_tt(r);
+                    if (d0 + cc < dim && tt < nt)
+                        out[((size_t)b * dim + d0 + cc) * seqlen + t0 + tt] = narrow<T>(s_d[cc * RP + tt]);
+                }
+            }
+        }
+    };
+    if (want_out && Bsel && Csel) body(Flag<true>{}, Flag<false>{}, Flag<true>{});
+    else if (want_out) body(Flag<true>{}, Flag<false>{}, Flag<false>{});
+    else if (pend) body(Flag<false>{}, Flag<true>{}, Flag<false>{});
+    else body(Flag<false>{}, Flag<false>{}, Flag<false>{});
+
+    if (dvalid) {
+        const size_t o = (chan * K + k) * dstate;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) {
+            if (n < dstate) {
+                if (hend) hend[o + n] = h[n];
+                if (pend) pend[o + n] = prod[n];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Backward, one state per lane (NL = 16 lanes per channel, tiles of TT = NL steps, from
 // the chunk's end to its start); same arguments and modes as scan_bwd_kernel, with
 // dB_part, dC_part (blocks, batch, dstate, seqlen): every channel of a block is in one
