@@ -1138,6 +1138,28 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
 #ifndef RW_MIN_BLOCKS
 #define RW_MIN_BLOCKS 8
 #endif
+#ifndef RW_POLY  // states whose 2^x runs as a polynomial on the FMA units instead of the special-function unit
+#define RW_POLY 0
+#endif
+
+// 2^x on the FMA units (float): 2^k 2^f with k = round(x) by adding 1.5 * 2^23 + 127 (the
+// sum's low bits are k + 127, shifted into the exponent field), f in [-1/2, 1/2], a
+// degree-5 relative minimax polynomial (1.6e-7; ex2.approx: 2 ulp). -inf and anything
+// below -126 give 2^-126, NaN stays NaN.
+PA_DEV float fexp2_fma(float x) {
+    constexpr float MAGIC = 12583039.0f;
+    x = x < -126.0f ? -126.0f : x;
+    x = x > 128.0f ? 128.0f : x;
+    const float t = x + MAGIC;
+    const float f = x - (t - MAGIC);
+    float p = 0.001326472731307149f;
+    p = fmaf(p, f, 0.009671512991189957f);
+    p = fmaf(p, f, 0.05550733581185341f);
+    p = fmaf(p, f, 0.24022242426872253f);
+    p = fmaf(p, f, 0.6931470036506653f);
+    p = fmaf(p, f, 1.0f);
+    return p * __int_as_float(__float_as_int(t) << 23);
+}
 
 template <typename T, typename W, int DISC>
 __global__ void __launch_bounds__(32, RW_MIN_BLOCKS) scan_fwd_row_kernel(
@@ -1264,7 +1286,7 @@ __global__ void __launch_bounds__(32, RW_MIN_BLOCKS) scan_fwd_row_kernel(
                 for (int n = 0; n < NS; ++n) {
                     W abar;
                     if (DISC == DISC_MAMBA) {
-                        abar = fexp2(dt * A2[n]);
+                        abar = n < RW_POLY ? fexp2_fma(dt * A2[n]) : fexp2(dt * A2[n]);
                         h[n] = abar * h[n] + bv[n] * x;
                     } else {
                         W bc;
