@@ -1199,6 +1199,15 @@ __global__ void __launch_bounds__(32, RW_MIN_BLOCKS) scan_fwd_row_kernel(
     }
     const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
     const bool want_out = out != nullptr;
+    // B or C of one step: the tile's row (16-byte broadcast reads) when selective, else this channel's
+    auto step_values = [](W (&v)[NS], const W* tile_row, const W (&inv)[NS], bool selective) {
+        if (selective) {
+            read_row(v, tile_row);
+        } else {
+#pragma unroll
+            for (int n = 0; n < NS; ++n) v[n] = inv[n];
+        }
+    };
     // element r of this lane's share of a tile of rows: channel d0 + row_cc(r), step row_tt(r)
     auto row_cc = [&](int r) { return (lane + r * 32) / TT; };
     auto row_tt = [&](int r) { return (lane + r * 32) % TT; };
@@ -1259,28 +1268,8 @@ __global__ void __launch_bounds__(32, RW_MIN_BLOCKS) scan_fwd_row_kernel(
                 dt = j < nt ? dt : W(0);  // past the end: Abar = 1, the state does not move
                 const W x = DISC == DISC_MAMBA ? dt * uu : uu;
                 W bv[NS], cv[NS];
-                if (SEL || Bsel) {
-#pragma unroll
-                    for (int q = 0; q < NS / 4; ++q) {
-                        const float4 v4 = reinterpret_cast<const float4*>(s_b + j * BS)[q];
-                        bv[4 * q] = v4.x; bv[4 * q + 1] = v4.y; bv[4 * q + 2] = v4.z; bv[4 * q + 3] = v4.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int n = 0; n < NS; ++n) bv[n] = binv[n];
-                }
-                if (WO) {
-                    if (SEL || Csel) {
-#pragma unroll
-                        for (int q = 0; q < NS / 4; ++q) {
-                            const float4 v4 = reinterpret_cast<const float4*>(s_c + j * BS)[q];
-                            cv[4 * q] = v4.x; cv[4 * q + 1] = v4.y; cv[4 * q + 2] = v4.z; cv[4 * q + 3] = v4.w;
-                        }
-                    } else {
-#pragma unroll
-                        for (int n = 0; n < NS; ++n) cv[n] = cinv[n];
-                    }
-                }
+                step_values(bv, s_b + j * BS, binv, SEL || Bsel);
+                if (WO) step_values(cv, s_c + j * BS, cinv, SEL || Csel);
                 W acc[4] = {W(0), W(0), W(0), W(0)};
 #pragma unroll
                 for (int n = 0; n < NS; ++n) {
