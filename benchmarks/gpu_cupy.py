@@ -48,10 +48,6 @@ OFFICIAL_STEP_US = 51.0
 
 # compile-time variants of scan.cu: (label, configure options, preprocessor definitions)
 VARIANTS = (
-    ("fwd two states per lane (LS_ROW=0)", {}, ("LS_ROW=0",)),
-    ("fwd one channel per thread, 3 of 16 exponentials on the FMA units", {}, ("RW_POLY=3",)),
-    ("fwd one channel per thread, 5 of 16 exponentials on the FMA units", {}, ("RW_POLY=5",)),
-    ("fwd one channel per thread, 8-step tiles", {}, ("RW_TT=8",)),
     ("fwd one state per lane (LS_PAIR=0)", {}, ("LS_PAIR=0",)),
     ("fwd two states per lane, 4 warps a block, 6 blocks/SM", {}, ("LP_WARPS=4", "LP_MIN_BLOCKS=6")),
 )

@@ -245,7 +245,6 @@ def jobs_of(which, sweep, gluon=False, gluon_variants=False):
     if gluon:
         kernels = ({"fwd_kernel": "triton"}, {"fwd_kernel": "gluon", "gluon_warps": 1})
         kernels += ({"fwd_kernel": "gluon", "gluon_warps": 2},)
-        kernels += tuple({"fwd_kernel": "gluon", "gluon_warps": w, "gluon_spt": 16} for w in (1, 2))
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for k in kernels]
     if gluon_variants:
         jobs += [("scan", opts, 0, d, False) for _, opts in GLUON_VARIANTS for d in DTYPES]
@@ -260,8 +259,6 @@ def gluon_compare(which, quick, variants):
     ]
     kernels = [("triton", {"fwd_kernel": "triton"}), ("gluon, 1 warp", {"fwd_kernel": "gluon", "gluon_warps": 1})]
     kernels += [("gluon, 2 warps", {"fwd_kernel": "gluon", "gluon_warps": 2})]
-    kernels += [("gluon, a channel a lane, 1 warp", {"fwd_kernel": "gluon", "gluon_warps": 1, "gluon_spt": 16})]
-    kernels += [("gluon, a channel a lane, 2 warps", {"fwd_kernel": "gluon", "gluon_warps": 2, "gluon_spt": 16})]
     rows = [(SIZES[i], d, name, opts, False) for i in which for d in DTYPES for name, opts in kernels]
     rows += [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in kernels]
     if variants:

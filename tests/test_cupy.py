@@ -117,15 +117,13 @@ def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, np
 
 @pytest.mark.parametrize("defines", [
     ("LS_BC_SMEM=0", "BW_BC_SMEM=0"), ("LS_PREFETCH=0", "BW_PREFETCH=0"), ("LS_WARPS=4", "LS_MIN_BLOCKS=8"),
-    ("BW_WARPS=8", "BW_MIN_BLOCKS=2"), ("LP_WARPS=4", "LP_MIN_BLOCKS=6"), ("RW_POLY=3",), ("RW_TT=8",),
+    ("BW_WARPS=8", "BW_MIN_BLOCKS=2"), ("LP_WARPS=4", "LP_MIN_BLOCKS=6"),
 ])
 def test_benchmark_variants_compile(nvrtc, defines):
     """The benchmark's compile-time variants of the lanes kernels (B/C rows read from
-    L1/L2 instead of shared memory, no register prefetch, other block shapes, and the
-    one-channel-per-thread forward's polynomial exponentials and shorter tiles)."""
-    names = [n for n in cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16)
-             if "lanes" in n or "pair" in n or "row" in n]
-    assert len(names) == 4
+    L1/L2 instead of shared memory, no register prefetch, other block shapes)."""
+    names = [n for n in cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16) if "lanes" in n or "pair" in n]
+    assert len(names) == 3
     options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", *(f"-D{d}" for d in defines)]
     ok, log = nvrtc.compile(cupy_cuda.kernel_sources()["scan.cu"], "scan.cu", names, options)
     assert ok, log

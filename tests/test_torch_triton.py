@@ -317,7 +317,7 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
     Forward, last state and, through the checkpoints it keeps, every gradient of the Triton
     backward (grouped B, C, float32); then the forward alone with and without options and
     softplus, at dstate 3 (padded to 4), 4, 8, 32 and 64, with 2 warps a program and 8-step
-    tiles, a channel a lane (``gluon_spt``); an initial state; 16-bit inputs.
+    tiles; an initial state; 16-bit inputs.
     """
     torch_triton.configure(fwd_kernel="gluon")
     grouped = make_case(rng, batch=2, dim=96, seqlen=300, dstate=16, form="grouped", groups=3, discretization=method)
@@ -332,9 +332,6 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
             (64, True, {}),
             (16, True, {"gluon_warps": 2}),
             (16, True, {"gluon_steps": 8}),
-            (16, True, {"gluon_spt": 16}),  # a channel a lane
-            (8, False, {"gluon_spt": 16}),
-            (32, True, {"gluon_spt": 16}),  # 2 lanes a channel
         ]
     ]
     for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel

@@ -98,7 +98,6 @@ def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc:
             if nl == 16 and compute == "float":
                 names.append(f"scan_bwd_lanes_kernel<{storage},{compute},{nl},{disc}>")
                 names.append(f"scan_fwd_pair_kernel<{storage},{compute},{disc}>")
-                names.append(f"scan_fwd_row_kernel<{storage},{compute},{disc}>")
         return names
     return [f"scan_step_kernel<{storage},{compute},{disc}>"]
 
@@ -367,9 +366,6 @@ class _Scan:
             and _define_int("LS_PAIR", 1) != 0
             and ((gb is None and gc is None) or (self.dim // self.groups) % self.lp_cpb == 0)
         )
-        # the forward with one channel per thread (all 16 states in its registers): the
-        # same conditions, blocks of 32 channels
-        self.row = self.pair and _define_int("LS_ROW", 1) != 0
         if nl is not None:
             self.ls_threads = 32 * _define_int("LS_WARPS", 8)
             self.ls_cpb = self.ls_threads // nl  # channels per block
@@ -416,15 +412,6 @@ class _Scan:
         L = self.seqlen
         if _options["chunk"] is not None:
             clen = -(-_options["chunk"] // FWD_TT) * FWD_TT
-        elif self.row and _options["min_threads"] is None:
-            # one warp per scheduler (4 a multiprocessor) is a wave of the one-channel-per-
-            # thread forward: chunk below half a wave, to about one wave
-            threads, wave = self.batch * self.dim, 128 * _multiprocessors(u)
-            if 2 * threads >= wave or L < 512:
-                return L, 1
-            K = min(max(2, wave // threads), L // 256)
-            per_chunk = -(-L // K)
-            clen = -(-per_chunk // FWD_TT) * FWD_TT
         elif self.pair and _options["min_threads"] is None:
             # one wave of the two-states-per-lane forward is 3 blocks of 256 threads per
             # multiprocessor: chunk below half a wave, to about one wave
@@ -478,12 +465,9 @@ class _Scan:
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
         if self.pair:
-            name, cpb, threads = "pair", self.lp_cpb, 8 * self.lp_cpb
-            if self.row:
-                name, cpb, threads = "row", 32, 32
-            kernel = self.module.kernel(f"scan_fwd_{name}_kernel<{self.storage},{self.compute},{self.disc}>", 0)
+            kernel = self.module.kernel(f"scan_fwd_pair_kernel<{self.storage},{self.compute},{self.disc}>", 0)
             kernel(
-                (-(-self.dim // cpb), self.batch, K), (threads,),
+                (-(-self.dim // self.lp_cpb), self.batch, K), (8 * self.lp_cpb,),
                 (
                     _ptr(self.u), _ptr(self.delta), _ptr(self.z), _ptr(out), _ptr(self.A), _ptr(self.Bsel),
                     _ptr(self.Binv), _ptr(self.Csel), _ptr(self.Cinv), _ptr(self.D), _ptr(self.delta_bias),

@@ -55,7 +55,6 @@ _options: dict[str, Any] = {
     # the Triton forward
     "gluon_warps": 2,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
     "gluon_steps": 16,  # tile length of the Gluon forward
-    "gluon_spt": 4,  # states a lane of the Gluon forward (dstate / gluon_spt lanes a channel; 16: a channel a lane)
     "bwd_maxnreg": None,  # register cap of the backward kernel
     "direct_step": True,  # launch the compiled step kernel through its run, without Triton's binding
 }
@@ -69,7 +68,7 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``, ``gluon_spt``, ``direct_step``; unknown names are a TypeError."""
+    ``gluon_warps``, ``gluon_steps``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
@@ -318,11 +317,8 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
     """The Gluon forward's blocking and chunks, or None where it does not apply (the Triton forward runs).
 
     It serves selective B and C (packed together in float32) with float32 compute and a
-    power-of-two dstate of 4 to 64: SPT = 4 states a lane (``gluon_spt``, at most dstate),
-    dstate/SPT lanes a channel, 32·SPT/dstate channels a warp; a program's channels lie
-    within one group. With a channel a lane (SPT = dstate) a warp per scheduler fills the
-    GPU (its 16 exponentials a step are independent): chunks only below 4 warps a
-    multiprocessor.
+    power-of-two dstate of 4 to 64: SPT = 4 states a lane, dstate/4 lanes a channel,
+    32·4/dstate channels a warp; a program's channels lie within one group.
     """
     if _options["fwd_kernel"] != "gluon" or device.type != "cuda":
         return None  # Gluon kernels run compiled only (the interpreter does not run them)
@@ -330,16 +326,14 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
         return None
     if dstate not in (4, 8, 16, 32, 64):
         return None
-    spt = min(_options["gluon_spt"], dstate)
-    if spt not in (4, 8, 16, 32, 64):
-        raise ValueError(f"gluon_spt must be 4, 8, 16, 32 or 64, got {_options['gluon_spt']}")
+    spt = 4
     lpc = dstate // spt
     warps = _options["gluon_warps"]
     block_d = (32 // lpc) * warps
     steps, ck = _options["gluon_steps"], _options["ck"]
     if dim_per_group % block_d or steps % lpc or ck % steps or steps & (steps - 1):
         return None
-    threshold = _options["min_warps"] or (4 if lpc == 1 else 8) * _n_sm(device)
+    threshold = _options["min_warps"] or 8 * _n_sm(device)
     chunks, chunk_len = _chunking(batch * (dim // block_d), warps, seqlen, ck, threshold, 2 * threshold)
     return {
         "block_d": block_d,
