@@ -124,7 +124,7 @@ def main() -> None:
         updates = DIM * seqlen * DSTATE
         dout = np.random.default_rng(1).standard_normal(p["u"].shape).astype(np.float32)
         fwd, fwd_best = timings(lambda p=p: portassm.scan(**p), args.repeat)
-        both, both_best = timings(lambda p=p, dout=dout: portassm.scan_with_vjp(**p)[1](dout), max(3, args.repeat // 2))
+        both, both_best = timings(lambda p=p, dout=dout: portassm.scan_with_vjp(**p)[1](dout), args.repeat)
         again = median_time(lambda p=p, dout=dout: (portassm.scan(**p), portassm.scan_vjp(dout, **p)), max(3, args.repeat // 2))
         t_fwd, t_both = torch_loop(seqlen, max(1, args.repeat // 3), args.torch_backward) if not args.no_torch else (None, None)
         tf = f"{t_fwd * 1e3:13.1f} {updates / t_fwd / 1e9:6.3f}" if t_fwd else f"{'n/a':>13} {'':>6}"
