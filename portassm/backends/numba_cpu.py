@@ -477,8 +477,6 @@ def _make_scan_bwd(method: int):
                     for j in range(LANES):
                         dtl[ts, j] = dts[ts, j, tt]
                         dul[ts, j] = dus[ts, j, tt]
-                        yl[ts, j] = zero  # D u is added where y is used (dz)
-                        dyl[ts, j] = dys[ts, j, tt]
                     if fused:
                         for n in range(dstate):
                             bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
@@ -489,28 +487,31 @@ def _make_scan_bwd(method: int):
                                 hs[ts, tt, n, j] = hp
                                 abars[ts, tt, n, j] = abar
                                 h[ts, n, j] = abar * hp + dul[ts, j] * f * bv
-                        continue
-                    for n in range(dstate):
-                        bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-                        cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
-                        sum_c = zero
+                    else:
                         for j in range(LANES):
-                            abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
-                            bv = bn if B.ndim == 4 else bl[ts, n, j]
-                            cv = cn if C.ndim == 4 else cl[ts, n, j]
-                            hp = h[ts, n, j]
-                            hs[ts, tt, n, j] = hp
-                            abars[ts, tt, n, j] = abar
-                            hv = abar * hp + dul[ts, j] * f * bv
-                            h[ts, n, j] = hv
-                            yl[ts, j] += cv * hv
-                            if C.ndim == 4:
-                                sum_c += hv * dyl[ts, j]
-                            else:
-                                dCl[ts, n, j] += hv * dyl[ts, j]
-                        dCc[ts, tt, n] = sum_c
-                    for j in range(LANES):
-                        ys[ts, j, tt] = yl[ts, j]
+                            yl[ts, j] = zero  # D u is added where y is used (dz)
+                            dyl[ts, j] = dys[ts, j, tt]
+                        for n in range(dstate):
+                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                            cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
+                            sum_c = zero
+                            for j in range(LANES):
+                                abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
+                                bv = bn if B.ndim == 4 else bl[ts, n, j]
+                                cv = cn if C.ndim == 4 else cl[ts, n, j]
+                                hp = h[ts, n, j]
+                                hs[ts, tt, n, j] = hp
+                                abars[ts, tt, n, j] = abar
+                                hv = abar * hp + dul[ts, j] * f * bv
+                                h[ts, n, j] = hv
+                                yl[ts, j] += cv * hv
+                                if C.ndim == 4:
+                                    sum_c += hv * dyl[ts, j]
+                                else:
+                                    dCl[ts, n, j] += hv * dyl[ts, j]
+                            dCc[ts, tt, n] = sum_c
+                        for j in range(LANES):
+                            ys[ts, j, tt] = yl[ts, j]
                 # the adjoint, in reverse time. g is dL/dh after step tt; gv adds C dy.
                 # mamba (Abar = exp(Δ A), Bcoef = Δ): with q = Abar gv h_prev,
                 #   dΔ = Σ_n q A + u Σ_n gv B,  du += Δ Σ_n gv B,  dA += q Δ,  dB = Σ_lanes gv Δ u
