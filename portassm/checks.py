@@ -224,7 +224,8 @@ def step_args(state, x, dt, A, B, C, D, z, dt_bias, discretization) -> tuple[Any
     # decoding calls this once a token: accept the usual case with a few tuple
     # comparisons, and leave the detailed checks (and their messages) to the rest
     # (a missing array skips them: check_ndim below names it)
-    shape = () if any(v is None for v in (state, x, dt, A, B, C)) else x.shape
+    missing = state is None or x is None or dt is None or A is None or B is None or C is None
+    shape = () if missing else x.shape
     if (
         len(shape) == 2 and dt.shape == shape and A.ndim == 2 and A.shape[0] == shape[1]
         and B.shape == C.shape == (shape[0], A.shape[1]) and state.shape == (*shape, A.shape[1])

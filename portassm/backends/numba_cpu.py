@@ -468,7 +468,8 @@ def _make_scan_bwd(method: int):
                         dua[ts, j, tt] = Dd * dy
                     dDl[ts, j] += acc
                 # recompute the chunk's states from its checkpoint (unless ``fused``: y, and dC,
-                # which needs no adjoint, too)
+                # which needs no adjoint, too); two loops, not a branch inside the lane loop,
+                # which would keep LLVM from vectorising it
                 for n in range(dstate):
                     for j in range(lanes):
                         h[ts, n, j] = ckpt[job, c, n, j]
