@@ -117,13 +117,14 @@ def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, np
 
 @pytest.mark.parametrize("defines", [
     ("LS_BC_SMEM=0", "BW_BC_SMEM=0"), ("LS_PREFETCH=0", "BW_PREFETCH=0"), ("LS_WARPS=4", "LS_MIN_BLOCKS=8"),
-    ("BW_WARPS=8", "BW_MIN_BLOCKS=2"), ("LP_WARPS=4", "LP_MIN_BLOCKS=6"),
+    ("BW_WARPS=8", "BW_MIN_BLOCKS=2"), ("LP_WARPS=4", "LP_MIN_BLOCKS=6"), ("BP_MIN_BLOCKS=2",),
+    ("BP_WARPS=4", "BP_MIN_BLOCKS=6"),
 ])
 def test_benchmark_variants_compile(nvrtc, defines):
     """The benchmark's compile-time variants of the lanes kernels (B/C rows read from
     L1/L2 instead of shared memory, no register prefetch, other block shapes)."""
     names = [n for n in cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16) if "lanes" in n or "pair" in n]
-    assert len(names) == 3
+    assert len(names) == 4
     options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", *(f"-D{d}" for d in defines)]
     ok, log = nvrtc.compile(cupy_cuda.kernel_sources()["scan.cu"], "scan.cu", names, options)
     assert ok, log
@@ -160,6 +161,7 @@ def cupy_backend():
     with portassm.use_backend("cupy") as chosen:
         yield chosen
     cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
+    cupy_cuda._defines = ()
 
 
 @gpu
@@ -181,13 +183,22 @@ def test_repeated_calls_are_bit_identical(cupy_backend, rng, chunk):
 
 
 @gpu
-@pytest.mark.parametrize("layout", ["lanes", "split", "lanes-bwd"])
+@pytest.mark.parametrize(
+    "layout", ["lanes", "lanes, one state per lane", "lanes, two states per lane", "split", "lanes-bwd"]
+)
 @pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
-@pytest.mark.parametrize("dstate, form", [(16, "grouped"), (24, "selective"), (16, "invariant")])
+@pytest.mark.parametrize("dstate, form", [(16, "grouped"), (24, "selective"), (16, "invariant"), (5, "selective")])
 def test_each_layout_agrees_with_the_oracle(cupy_backend, rng, layout, chunk, dstate, form):
-    """Both thread layouts, whatever the default picks for scan and scan_vjp: forward,
-    last state and every gradient against the float64 oracle (float32 inputs)."""
+    """Every thread layout, whatever the default picks for scan and scan_vjp: forward,
+    last state and every gradient against the float64 oracle (float32 inputs). "lanes,
+    one state per lane": the lanes layout with the one-state-per-lane kernels only (the
+    compile-time switches LS_PAIR=0, BW_PAIR=0); "two states per lane": both passes with
+    two states per lane (LS_PAIR=1, BW_PAIR=1) where they apply."""
     cp = cupy_cuda._cupy()
+    if layout.startswith("lanes, "):
+        pair = int(layout.endswith("two states per lane"))
+        layout = "lanes"
+        cupy_cuda._defines = (f"LS_PAIR={pair}", f"BW_PAIR={pair}")
     cupy_cuda.configure(layout=layout, chunk=chunk)
     case = make_case(rng, batch=2, dim=64, seqlen=150, dstate=dstate, form=form, groups=2).astype("float32")
     args = case.kwargs(cp.asarray)

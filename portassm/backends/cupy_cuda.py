@@ -60,6 +60,7 @@ _MAX_SMEM = 227 * 1024  # a block's shared memory on sm_90, after opting in
 
 _options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None}
 LAYOUTS = ("lanes", "split", "lanes-bwd")
+BW_PAIR = 0  # 1: the backward's full pass with two states per lane (scan_bwd_pair_kernel), where it applies
 LANES = (16, 32)  # lanes per channel of the one-state-per-lane kernels: dstate <= 16, <= 32
 #: extra preprocessor definitions for the .cu sources (the benchmark's layout variants)
 _defines: tuple[str, ...] = ()
@@ -98,6 +99,7 @@ def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc:
             if nl == 16 and compute == "float":
                 names.append(f"scan_bwd_lanes_kernel<{storage},{compute},{nl},{disc}>")
                 names.append(f"scan_fwd_pair_kernel<{storage},{compute},{disc}>")
+                names.append(f"scan_bwd_pair_kernel<{storage},{compute},{disc}>")
         return names
     return [f"scan_step_kernel<{storage},{compute},{disc}>"]
 
@@ -123,8 +125,10 @@ class _Module:
 
     def kernel(self, name: str, smem: int) -> Any:
         k = self.kernels[name]
-        if smem > _DEFAULT_SMEM and self.smem_set.get(name, _DEFAULT_SMEM) < smem:
-            k.max_dynamic_shared_size_bytes = smem  # opt in above 48 KiB
+        if smem and self.smem_set.get(name, 0) < smem:
+            if smem + k.shared_size_bytes > _DEFAULT_SMEM:
+                k.max_dynamic_shared_size_bytes = smem  # opt in above 48 KiB, static and dynamic together
+                k.preferred_shared_memory_carveout = 100  # and room for several such blocks a multiprocessor
             self.smem_set[name] = smem
         return k
 
@@ -383,6 +387,15 @@ class _Scan:
             and ((gb is None and gc is None) or (self.dim // self.groups) % self.bw_cpb == 0)
         )
         self.bw_nblk = -(-self.dim // self.bw_cpb)
+        # its full pass with two states per lane (8 lanes per channel), blocks of bp_cpb
+        # channels each inside one group
+        self.bp_cpb = 4 * _define_int("BP_WARPS", 8)
+        self.bw_pair = (
+            self.bw_lanes
+            and _define_int("BW_PAIR", BW_PAIR) != 0
+            and ((gb is None and gc is None) or (self.dim // self.groups) % self.bp_cpb == 0)
+        )
+        self.bp_nblk = -(-self.dim // self.bp_cpb)
         if chunk_len is None:
             self.chunk_len, self.K = self._chunking(u)
         else:  # the chunks of the forward whose checkpoints the backward reuses
@@ -461,6 +474,11 @@ class _Scan:
             7 * CH_BLOCK * (BWD_TT + 1) + 2 * CH_BLOCK * S_LANES * BWD_TT + self._bc_words(BWD_TT) + THREADS * self.npt
         )
 
+    @property
+    def smem_pair(self) -> int:
+        """Dynamic shared memory of the two-states-per-lane backward: 16 steps of two states a lane."""
+        return self.bp_cpb * 8 * 16 * 2 * 4
+
     def forward(self, out, h0, h0_chunks, hend, pend, ckpt, nck=0, K=None):
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
@@ -523,11 +541,22 @@ class _Scan:
 
     def part_blocks(self) -> int:
         """Rows of the backward's per-block dB, dC partial sums."""
+        if self.bw_pair:
+            return self.bp_nblk
         return self.bw_nblk if self.bw_lanes else self.nblk * self.gspan
 
     def backward(self, dout, g0, g0_chunks, gout, ckpt, nck, grads):
+        """The backward kernel's full pass (``grads``) or its chunk pass (None: the adjoint
+        through each chunk alone, into ``gout``)."""
         g = grads or {}
-        if self.bw_lanes:
+        if self.bw_pair and grads is not None:
+            kernel = self.module.kernel(f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>", self.smem_pair)
+            grid, block, smem = (self.bp_nblk, self.batch, self.K), (8 * self.bp_cpb,), self.smem_pair
+            tail = (
+                _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
+                _i64(self.chunk_len),
+            )
+        elif self.bw_lanes:
             kernel = self.module.kernel(f"scan_bwd_lanes_kernel<{self.storage},{self.compute},16,{self.disc}>", 0)
             grid, block, smem = (self.bw_nblk, self.batch, self.K), (16 * self.bw_cpb,), 0
             tail = (
@@ -555,8 +584,9 @@ class _Scan:
         """(blocks*gspan, batch, dstate, seqlen) partial sums -> (batch, groups, dstate, seqlen), in a fixed order."""
         cp, G = self.cp, self.groups
         cpg = self.dim // G
-        if self.bw_lanes:  # blocks of bw_cpb channels, each inside one group
-            total = part.reshape(G, cpg // self.bw_cpb, self.batch, self.dstate, self.seqlen).sum(axis=1)
+        if self.bw_lanes:  # blocks of bw_cpb (or bp_cpb) channels, each inside one group
+            cpb = self.bp_cpb if self.bw_pair else self.bw_cpb
+            total = part.reshape(G, cpg // cpb, self.batch, self.dstate, self.seqlen).sum(axis=1)
         elif self.gspan == 1 and cpg % CH_BLOCK == 0:
             total = part.reshape(G, cpg // CH_BLOCK, self.batch, self.dstate, self.seqlen).sum(axis=1)
         else:

@@ -1464,3 +1464,339 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Backward, two states per lane (8 lanes per channel, lane n owning states n and n + 8;
+// dstate <= 16, float32 compute): scan_bwd_lanes_kernel's algorithm (its full pass; the
+// chunk pass stays there) in the layout of scan_fwd_pair_kernel. A warp holds 4
+// channels, a block of BP_WARPS warps 4 * BP_WARPS channels, all in one group when B or
+// C is selective (the caller checks). Tiles of 16 steps from the chunk's end: lane n
+// stages steps n and n + 8 (u, delta, dout, z and its two states' checkpoint loaded one
+// tile ahead), the block stages the group's B and C tiles in shared memory (double-
+// buffered, the next tile in flight in registers). Per tile, each lane recomputes its
+// two states over the tile into its own slice of shared memory (in registers they
+// would cost 32 more a lane, and a third of the warps), then walks the adjoint back
+// through them in two halves of 8 steps, Abar recomputed (one ex2) rather than kept.
+// The sums over states (y for dz, d dt, du) of each half are an 8-lane transposed
+// butterfly that leaves step n (or n + 8) in lane n; the sums over channels (dB, dC)
+// are a transposed butterfly over the warp's 4 channels (the 4 values of a lane and
+// step, 3 shuffles) and a fixed-order sum over the block's warps in shared memory:
+// repeated calls are bit-identical.
+// Against one state per lane: half the warps (one wave at the first anchor size at 3
+// blocks of 8 warps per multiprocessor), two independent chains a lane, and the
+// per-tile work and the butterflies' shuffles shared by twice the updates.
+// Same arguments as scan_bwd_lanes_kernel (vec_bc unused); grid (ceil(dim / (4 *
+// BP_WARPS)), batch, chunks), BP_WARPS * 32 threads, BP_WARPS * 16 * 32 float2 of
+// dynamic shared memory.
+// ---------------------------------------------------------------------------------
+#ifndef BP_WARPS
+#define BP_WARPS 8
+#endif
+#ifndef BP_MIN_BLOCKS
+#define BP_MIN_BLOCKS 3
+#endif
+
+// one state's step of the recomputation: h = Abar h + Bcoef B u
+template <int DISC, typename W> PA_DEV void recompute_state(W& h, W a, W uk, W x, W b, W An, W A2) {
+    if (DISC == DISC_MAMBA) {
+        h = fexp2(a * A2) * h + b * x;
+    } else {
+        W abar, bcoef;
+        discretize<DISC>(a, An, A2, abar, bcoef);
+        h = abar * h + (bcoef * uk) * b;
+    }
+}
+
+// one state's reverse step (DESIGN.md): g enters as the adjoint after step k, leaves as
+// the one before it; adds this state's terms of d dt and du to qd, qu and of dA to dA_acc;
+// rB, rC: its terms of dB, dC. hp, hk: the state before and after step k.
+template <int DISC, typename W>
+PA_DEV void adjoint_state(W& g, W hp, W hk, W a, W uk, W yk, W x, W b, W c, W An, W A2, W& qd, W& qu,
+                          W& dA_acc, W& rB, W& rC) {
+    g += c * yk;
+    const W dab = g * hp;
+    W abar;
+    if (DISC == DISC_MAMBA) {
+        abar = fexp2(a * A2);
+        const W gb = g * b, dabs = dab * abar;
+        qd += dabs * An + gb * uk;
+        dA_acc += dabs * a;
+        qu += gb * a;
+        rB = g * x;
+    } else {
+        W bcoef, da_ddt, da_dA, db_ddt, db_dA;
+        discretize<DISC>(a, An, A2, abar, bcoef);
+        discretize_grads<DISC>(a, An, abar, da_ddt, da_dA, db_ddt, db_dA);
+        const W dbc = g * b * uk;
+        qd += dab * da_ddt + dbc * db_ddt;
+        dA_acc += dab * da_dA + dbc * db_dA;
+        qu += g * bcoef * b;
+        rB = g * bcoef * uk;
+    }
+    rC = yk * hk;
+    g *= abar;
+}
+
+// four consecutive steps of one state's row of a staged B or C tile, or the time-invariant value
+PA_DEV float4 quad(const float* rowp, float inv, bool sel, int q) {
+    return sel ? reinterpret_cast<const float4*>(rowp)[q] : make_float4(inv, inv, inv, inv);
+}
+
+template <typename T, typename W, int DISC>
+__global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_kernel(
+    const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
+    const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv, const T* __restrict__ Csel,
+    const W* __restrict__ Cinv, const W* __restrict__ D, const W* __restrict__ delta_bias, int softplus_flag,
+    const W* __restrict__ ckpt, int nck, const W* __restrict__ g0, int g0_chunks, W* __restrict__ gout,
+    T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz, W* __restrict__ dA_part,
+    W* __restrict__ dBinv_part, W* __restrict__ dCinv_part, W* __restrict__ dB_part, W* __restrict__ dC_part,
+    W* __restrict__ dD_part, W* __restrict__ dbias_part, int dim, int dstate, long long seqlen, int groups, int vec_bc,
+    long long chunk_len) {
+    static_assert(sizeof(W) == 4, "the two-states-per-lane backward computes in float32");
+    constexpr int NL = 8, TT = 16, CPW = 4, CPB = CPW * BP_WARPS, NTH = BP_WARPS * 32, RB = TT + 4, RR = TT + 1;
+    constexpr int BCE = (16 * TT + NTH - 1) / NTH;  // tile elements per thread
+    constexpr int CRED = BP_WARPS * 16 * RR + 16;  // the dC half of s_red (+16 words: other banks than dB's)
+    __shared__ __align__(16) W s_x[CPB * TT * 4];       // per channel and step: (dt, u, dy, dt*u)
+    __shared__ __align__(16) W s_bc[2][2][16 * RB];     // [buffer][B or C][state][step]
+    __shared__ __align__(16) W s_red[2 * CRED];         // [B or C][warp][state][step]
+    PA_SHARED(s_dyn);                                   // [warp][step][lane]: a lane's two states
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sub = lane / NL, n = lane % NL;
+    const int d = blockIdx.x * CPB + warp * CPW + sub;
+    const bool dvalid = d < dim, v0 = dvalid && n < dstate, v1 = dvalid && n + NL < dstate;
+    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z, batch = gridDim.y;
+    const long long t_begin = (long long)k * chunk_len;
+    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+    const int dd = dvalid ? d : 0;
+    const size_t chan = (size_t)b * dim + dd, row = chan * seqlen;
+    const int d_first = (int)blockIdx.x * CPB, g_blk = (d_first < dim ? d_first : dim - 1) / (dim / groups);
+    const T* bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    const T* cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+    const W A0 = v0 ? A[(size_t)d * dstate + n] : W(0), A1 = v1 ? A[(size_t)d * dstate + n + NL] : W(0);
+    const W A20 = A0 * W(1.4426950408889634), A21 = A1 * W(1.4426950408889634);
+    const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
+    const W binv0 = (v0 && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
+    const W binv1 = (v1 && !Bsel) ? Binv[(size_t)d * dstate + n + NL] : W(0);
+    const W cinv0 = (v0 && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
+    const W cinv1 = (v1 && !Csel) ? Cinv[(size_t)d * dstate + n + NL] : W(0);
+    const size_t grow = (chan * g0_chunks + (g0_chunks == 1 ? 0 : k)) * dstate;
+    W gA = (v0 && g0) ? g0[grow + n] : W(0), gB = (v1 && g0) ? g0[grow + n + NL] : W(0);
+    W* sx = s_x + (warp * CPW + sub) * TT * 4;
+    float2* sh = reinterpret_cast<float2*>(s_dyn) + warp * TT * 32 + lane;  // step kk at sh[kk * 32]
+    // where this lane's sum over the warp's channels goes: sub 0, 1: dB of states n, n + 8; 2, 3: dC
+    W* pred = s_red + (sub >> 1) * CRED + (warp * 16 + n + NL * (sub & 1)) * RR;
+    W dA0 = W(0), dA1 = W(0), dBi0 = W(0), dBi1 = W(0), dCi0 = W(0), dCi1 = W(0), dD_acc = W(0), dbias_acc = W(0);
+
+    const int ntiles = (int)((t_end - t_begin + TT - 1) / TT);
+    T rbn[BCE], rcn[BCE];  // the next tile's elements of B and C, in flight
+    T pu0 = T{}, pd0 = T{}, po0 = T{}, pz0 = T{}, pu1 = T{}, pd1 = T{}, po1 = T{}, pz1 = T{};  // steps n, n + 8
+    W pck0 = W(0), pck1 = W(0);
+    auto fetch = [&](long long tl) {  // the tile from step tl: B, C, this lane's two steps, its checkpoint
+        const int ntl = (int)(t_end - tl < TT ? t_end - tl : TT);
+        if (Bsel) fetch_tile<16, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, tl, ntl);
+        if (Csel) fetch_tile<16, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tl, ntl);
+        if (dvalid && n < ntl) {
+            pu0 = u[row + tl + n];
+            pd0 = delta[row + tl + n];
+            po0 = dout[row + tl + n];
+            if (z) pz0 = z[row + tl + n];
+        }
+        if (dvalid && n + NL < ntl) {
+            pu1 = u[row + tl + n + NL];
+            pd1 = delta[row + tl + n + NL];
+            po1 = dout[row + tl + n + NL];
+            if (z) pz1 = z[row + tl + n + NL];
+        }
+        const size_t o = (chan * nck + tl / CKPT_T) * dstate;
+        if (v0) pck0 = ckpt[o + n];
+        if (v1) pck1 = ckpt[o + n + NL];
+    };
+    if (ntiles > 0) fetch(t_begin + (long long)(ntiles - 1) * TT);
+    int buf = 0;
+    for (int it = ntiles - 1; it >= 0; --it) {
+        const long long t0 = t_begin + (long long)it * TT;
+        const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
+        const bool tv0 = dvalid && n < nt, tv1 = dvalid && n + NL < nt;
+#pragma unroll
+        for (int r = 0; r < BCE; ++r) {
+            const int e = threadIdx.x + r * NTH;
+            if (e < 16 * TT) {
+                if (Bsel) s_bc[buf][0][(e / TT) * RB + e % TT] = widen(rbn[r]);
+                if (Csel) s_bc[buf][1][(e / TT) * RB + e % TT] = widen(rcn[r]);
+            }
+        }
+        // this lane's two steps: dt (softplus), u, dy = dout * silu(z), and what dz needs
+        W uu0 = W(0), vv0 = W(0), go0 = W(0), zz0 = W(0), uu1 = W(0), vv1 = W(0), go1 = W(0), zz1 = W(0);
+        if (tv0) {
+            uu0 = widen(pu0);
+            vv0 = widen(pd0) + bias;
+            go0 = widen(po0);
+            if (z) zz0 = widen(pz0);
+        }
+        if (tv1) {
+            uu1 = widen(pu1);
+            vv1 = widen(pd1) + bias;
+            go1 = widen(po1);
+            if (z) zz1 = widen(pz1);
+        }
+        const W hck0 = pck0, hck1 = pck1;
+        __syncthreads();  // this tile's B, C staged (double buffer: the readers of this buffer, two tiles ago, are done)
+        if (it > 0) fetch(t0 - TT);
+        W dt0 = W(0), dsp0 = W(1), sz0 = W(1), dy0 = go0, dt1 = W(0), dsp1 = W(1), sz1 = W(1), dy1 = go1;
+        if (tv0) {
+            dt0 = vv0;
+            if (softplus_flag) {
+                dt0 = softplus(vv0);
+                dsp0 = softplus_grad(vv0);
+            }
+            if (z) {
+                sz0 = W(1) / (W(1) + fexp(-zz0));  // sigmoid(z); silu(z) = z * sz
+                dy0 = go0 * zz0 * sz0;
+            }
+        }
+        if (tv1) {
+            dt1 = vv1;
+            if (softplus_flag) {
+                dt1 = softplus(vv1);
+                dsp1 = softplus_grad(vv1);
+            }
+            if (z) {
+                sz1 = W(1) / (W(1) + fexp(-zz1));
+                dy1 = go1 * zz1 * sz1;
+            }
+        }
+        __syncwarp();  // the previous tile's readers of sx are done
+        sx[4 * n] = dt0;
+        sx[4 * n + 1] = uu0;
+        sx[4 * n + 2] = dy0;
+        sx[4 * n + 3] = dt0 * uu0;
+        sx[4 * (n + NL)] = dt1;
+        sx[4 * (n + NL) + 1] = uu1;
+        sx[4 * (n + NL) + 2] = dy1;
+        sx[4 * (n + NL) + 3] = dt1 * uu1;
+        __syncwarp();
+        const W* brA = &s_bc[buf][0][n * RB];
+        const W* brB = &s_bc[buf][0][(n + NL) * RB];
+        const W* crA = &s_bc[buf][1][n * RB];
+        const W* crB = &s_bc[buf][1][(n + NL) * RB];
+        const bool bs = Bsel != nullptr, cs = Csel != nullptr;
+
+        // recompute the tile's states into sh; y (for dz) of each half through the butterfly
+        {
+            W hA = hck0, hB = hck1;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                W py[8];
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int qq = 2 * half + q;
+                    const float4 bqA = quad(brA, binv0, bs, qq), bqB = quad(brB, binv1, bs, qq);
+                    const float4 cqA = quad(crA, cinv0, cs, qq), cqB = quad(crB, cinv1, cs, qq);
+                    const W bA[4] = {bqA.x, bqA.y, bqA.z, bqA.w}, bB[4] = {bqB.x, bqB.y, bqB.z, bqB.w};
+                    const W cA[4] = {cqA.x, cqA.y, cqA.z, cqA.w}, cB[4] = {cqB.x, cqB.y, cqB.z, cqB.w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const int kk = 4 * qq + j;
+                        W a, uk, yk, x;
+                        staged4(sx, kk, a, uk, yk, x);
+                        recompute_state<DISC>(hA, a, uk, x, bA[j], A0, A20);
+                        recompute_state<DISC>(hB, a, uk, x, bB[j], A1, A21);
+                        sh[kk * 32] = make_float2(hA, hB);
+                        py[4 * q + j] = cA[j] * hA + cB[j] * hB;
+                    }
+                }
+                if (dz) {
+                    const W y = transpose_sum<NL>(py, n);
+                    const bool tv = half ? tv1 : tv0;
+                    const W uu = half ? uu1 : uu0, go = half ? go1 : go0, zz = half ? zz1 : zz0, sz = half ? sz1 : sz0;
+                    if (tv) dz[row + t0 + n + NL * half] = narrow<T>(go * (y + Dd * uu) * sz * (W(1) + zz * (W(1) - sz)));
+                }
+            }
+        }
+        // the adjoint, backwards through the tile in two halves
+        float2 hk = sh[(TT - 1) * 32];
+#pragma unroll
+        for (int half = 1; half >= 0; --half) {
+            W qd[8], qu[8];
+#pragma unroll
+            for (int q = 1; q >= 0; --q) {
+                const int qq = 2 * half + q;
+                const float4 bqA = quad(brA, binv0, bs, qq), bqB = quad(brB, binv1, bs, qq);
+                const float4 cqA = quad(crA, cinv0, cs, qq), cqB = quad(crB, cinv1, cs, qq);
+                const W bA[4] = {bqA.x, bqA.y, bqA.z, bqA.w}, bB[4] = {bqB.x, bqB.y, bqB.z, bqB.w};
+                const W cA[4] = {cqA.x, cqA.y, cqA.z, cqA.w}, cB[4] = {cqB.x, cqB.y, cqB.z, cqB.w};
+#pragma unroll
+                for (int j = 3; j >= 0; --j) {
+                    const int kk = 4 * qq + j, i = 4 * q + j;
+                    W a, uk, yk, x;
+                    staged4(sx, kk, a, uk, yk, x);
+                    const float2 hp = kk > 0 ? sh[(kk > 0 ? kk - 1 : 0) * 32] : make_float2(hck0, hck1);
+                    W qdi = W(0), qui = W(0), rBA, rBB, rCA, rCB;
+                    adjoint_state<DISC>(gA, hp.x, hk.x, a, uk, yk, x, bA[j], cA[j], A0, A20, qdi, qui, dA0, rBA, rCA);
+                    adjoint_state<DISC>(gB, hp.y, hk.y, a, uk, yk, x, bB[j], cB[j], A1, A21, qdi, qui, dA1, rBB, rCB);
+                    qd[i] = qdi;
+                    qu[i] = qui;
+                    hk = hp;
+                    if (!bs) {
+                        dBi0 += rBA;
+                        dBi1 += rBB;
+                    }
+                    if (!cs) {
+                        dCi0 += rCA;
+                        dCi1 += rCB;
+                    }
+                    if (bs || cs) {  // sum over the warp's 4 channels: sub s keeps value s of (rBA, rBB, rCA, rCB)
+                        const bool h2 = (sub & 2) != 0, h1 = (sub & 1) != 0;
+                        const W m0 = (h2 ? rCA : rBA) + __shfl_xor_sync(0xffffffffu, h2 ? rBA : rCA, 16);
+                        const W m1 = (h2 ? rCB : rBB) + __shfl_xor_sync(0xffffffffu, h2 ? rBB : rCB, 16);
+                        pred[kk] = (h1 ? m1 : m0) + __shfl_xor_sync(0xffffffffu, h1 ? m0 : m1, 8);
+                    }
+                }
+            }
+            // sums over the states: lane n gets step n + 8 * half
+            const W ddt_n = transpose_sum<NL>(qd, n), du_n = transpose_sum<NL>(qu, n);
+            const bool tv = half ? tv1 : tv0;
+            const W dy = half ? dy1 : dy0, dsp = half ? dsp1 : dsp0, uu = half ? uu1 : uu0;
+            if (tv) {
+                const long long t = t0 + n + NL * half;
+                du[row + t] = narrow<T>(du_n + Dd * dy);
+                ddelta[row + t] = narrow<T>(ddt_n * dsp);
+                dD_acc += dy * uu;
+                dbias_acc += ddt_n * dsp;
+            }
+        }
+        if (bs || cs) {  // sums over the block's warps, in a fixed order
+            __syncthreads();
+            for (int i = threadIdx.x; i < 2 * 16 * TT; i += NTH) {
+                const int isC = i / (16 * TT), nn = (i / TT) % 16, kk = i % TT;
+                if (nn < dstate && kk < nt && (isC ? cs : bs)) {
+                    const W* src = s_red + isC * CRED + nn * RR + kk;
+                    W sum = W(0);
+#pragma unroll
+                    for (int w = 0; w < BP_WARPS; ++w) sum += src[w * 16 * RR];
+                    const size_t o = (((size_t)blockIdx.x * batch + b) * dstate + nn) * seqlen + t0 + kk;
+                    (isC ? dC_part : dB_part)[o] = sum;
+                }
+            }
+        }
+        buf ^= 1;
+    }
+    const size_t o = (chan * K + k) * dstate;
+    if (v0) {
+        gout[o + n] = gA;
+        dA_part[o + n] = dA0;
+        if (dBinv_part) dBinv_part[o + n] = dBi0;
+        if (dCinv_part) dCinv_part[o + n] = dCi0;
+    }
+    if (v1) {
+        gout[o + n + NL] = gB;
+        dA_part[o + n + NL] = dA1;
+        if (dBinv_part) dBinv_part[o + n + NL] = dBi1;
+        if (dCinv_part) dCinv_part[o + n + NL] = dCi1;
+    }
+    dD_acc = lane_sum<NL>(dD_acc);
+    dbias_acc = lane_sum<NL>(dbias_acc);
+    if (dvalid && n == 0) {
+        if (dD_part) dD_part[chan * K + k] = dD_acc;
+        if (dbias_part) dbias_part[chan * K + k] = dbias_acc;
+    }
+}
