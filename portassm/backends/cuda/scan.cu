@@ -1493,7 +1493,7 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
 #define BP_WARPS 8
 #endif
 #ifndef BP_MIN_BLOCKS
-#define BP_MIN_BLOCKS 3
+#define BP_MIN_BLOCKS 2
 #endif
 
 // one state's step of the recomputation: h = Abar h + Bcoef B u
@@ -1508,20 +1508,22 @@ template <int DISC, typename W> PA_DEV void recompute_state(W& h, W a, W uk, W x
 }
 
 // one state's reverse step (DESIGN.md): g enters as the adjoint after step k, leaves as
-// the one before it; adds this state's terms of d dt and du to qd, qu and of dA to dA_acc;
-// rB, rC: its terms of dB, dC. hp, hk: the state before and after step k.
+// the one before it; adds this state's terms of d dt and du to qd, qu (for mamba's
+// discretisation only their parts that depend on the state: dt Abar h A and g B, of
+// which d dt = sum + u sum' and du = dt sum') and of dA to dA_acc; rB, rC: its terms of
+// dB, dC. hp, hk: the state before and after step k.
 template <int DISC, typename W>
 PA_DEV void adjoint_state(W& g, W hp, W hk, W a, W uk, W yk, W x, W b, W c, W An, W A2, W& qd, W& qu,
                           W& dA_acc, W& rB, W& rC) {
     g += c * yk;
     const W dab = g * hp;
     W abar;
-    if (DISC == DISC_MAMBA) {
+    if (DISC == DISC_MAMBA) {  // qd and qu take dabs * A and g * B; the caller adds u and dt per step
         abar = fexp2(a * A2);
-        const W gb = g * b, dabs = dab * abar;
-        qd += dabs * An + gb * uk;
+        const W dabs = dab * abar;
+        qd += dabs * An;
         dA_acc += dabs * a;
-        qu += gb * a;
+        qu += g * b;
         rB = g * x;
     } else {
         W bcoef, da_ddt, da_dA, db_ddt, db_dA;
@@ -1612,6 +1614,9 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
     };
     if (ntiles > 0) fetch(t_begin + (long long)(ntiles - 1) * TT);
     int buf = 0;
+    auto tiles = [&](auto both_selective) {  // B and C both selective, known at compile time
+    constexpr bool SEL = decltype(both_selective)::value;
+    const bool bs = SEL || Bsel != nullptr, cs = SEL || Csel != nullptr;
     for (int it = ntiles - 1; it >= 0; --it) {
         const long long t0 = t_begin + (long long)it * TT;
         const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
@@ -1678,7 +1683,6 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
         const W* brB = &s_bc[buf][0][(n + NL) * RB];
         const W* crA = &s_bc[buf][1][n * RB];
         const W* crB = &s_bc[buf][1][(n + NL) * RB];
-        const bool bs = Bsel != nullptr, cs = Csel != nullptr;
 
         // recompute the tile's states into sh; y (for dz) of each half through the butterfly
         {
@@ -1733,8 +1737,13 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                     W qdi = W(0), qui = W(0), rBA, rBB, rCA, rCB;
                     adjoint_state<DISC>(gA, hp.x, hk.x, a, uk, yk, x, bA[j], cA[j], A0, A20, qdi, qui, dA0, rBA, rCA);
                     adjoint_state<DISC>(gB, hp.y, hk.y, a, uk, yk, x, bB[j], cB[j], A1, A21, qdi, qui, dA1, rBB, rCB);
-                    qd[i] = qdi;
-                    qu[i] = qui;
+                    if (DISC == DISC_MAMBA) {  // qd: sum of dabs * A, qu: sum of g * B over the lane's states
+                        qd[i] = qdi + uk * qui;
+                        qu[i] = a * qui;
+                    } else {
+                        qd[i] = qdi;
+                        qu[i] = qui;
+                    }
                     hk = hp;
                     if (!bs) {
                         dBi0 += rBA;
@@ -1780,6 +1789,9 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
         }
         buf ^= 1;
     }
+    };
+    if (Bsel && Csel) tiles(Flag<true>{});
+    else tiles(Flag<false>{});
     const size_t o = (chan * K + k) * dstate;
     if (v0) {
         gout[o + n] = gA;
