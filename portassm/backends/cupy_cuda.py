@@ -60,7 +60,7 @@ _MAX_SMEM = 227 * 1024  # a block's shared memory on sm_90, after opting in
 
 _options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None}
 LAYOUTS = ("lanes", "split", "lanes-bwd")
-BW_PAIR = 0  # the backward's full pass with two states per lane (scan_bwd_pair_kernel) where it applies; 0: one
+BW_PAIR = 1  # the backward's full pass with two states per lane (scan_bwd_pair_kernel) where it applies; 0: one
 LANES = (16, 32)  # lanes per channel of the one-state-per-lane kernels: dstate <= 16, <= 32
 #: extra preprocessor definitions for the .cu sources (the benchmark's layout variants)
 _defines: tuple[str, ...] = ()

@@ -1493,7 +1493,7 @@ __global__ void __launch_bounds__(BW_WARPS * 32, BW_MIN_BLOCKS) scan_bwd_lanes_k
 #define BP_WARPS 8
 #endif
 #ifndef BP_MIN_BLOCKS
-#define BP_MIN_BLOCKS 2
+#define BP_MIN_BLOCKS 3
 #endif
 
 // one state's step of the recomputation: h = Abar h + Bcoef B u
