@@ -940,6 +940,53 @@ PA_DEV void butterfly_stage2(W (&p)[2 * NL], int lane) {
     if constexpr (O > 1) butterfly_stage2<O / 2, NL>(p, lane);
 }
 
+// The per-lane setup of the two-states-per-lane kernels: 8 lanes a channel, 4 channels
+// a warp, cpb channels a block (grid (ceil(dim / cpb), batch, chunks)); lane n of channel
+// d owns states n and n + 8 (v0, v1: whether they exist); its chunk's steps, its row of
+// u, delta, z, its block's group's rows of a selective B and C, and its parameters.
+template <typename T, typename W> struct PairLane {
+    int warp, sub, n, d, b, k, K;
+    bool dvalid, v0, v1;
+    long long t_begin, t_end;
+    size_t chan, row;
+    const T* bblk;
+    const T* cblk;
+    W A0, A1, A20, A21, bias, Dd, binv0, binv1, cinv0, cinv1;
+    PA_DEV PairLane(int cpb, const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv,
+                    const T* __restrict__ Csel, const W* __restrict__ Cinv, const W* __restrict__ D,
+                    const W* __restrict__ delta_bias, int dim, int dstate, long long seqlen, int groups,
+                    long long chunk_len) {
+        constexpr int NL = 8, CPW = 4;
+        warp = threadIdx.x / 32;
+        sub = (threadIdx.x % 32) / NL;
+        n = threadIdx.x % NL;
+        d = blockIdx.x * cpb + warp * CPW + sub;
+        dvalid = d < dim;
+        v0 = dvalid && n < dstate;
+        v1 = dvalid && n + NL < dstate;
+        b = blockIdx.y;
+        k = blockIdx.z;
+        K = gridDim.z;
+        t_begin = (long long)k * chunk_len;
+        t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+        chan = (size_t)b * dim + (dvalid ? d : 0);
+        row = chan * seqlen;
+        const int d_first = (int)blockIdx.x * cpb, g_blk = (d_first < dim ? d_first : dim - 1) / (dim / groups);
+        bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+        cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
+        A0 = v0 ? A[(size_t)d * dstate + n] : W(0);
+        A1 = v1 ? A[(size_t)d * dstate + n + NL] : W(0);
+        A20 = A0 * W(1.4426950408889634);
+        A21 = A1 * W(1.4426950408889634);
+        bias = (dvalid && delta_bias) ? delta_bias[d] : W(0);
+        Dd = (dvalid && D) ? D[d] : W(0);
+        binv0 = (v0 && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
+        binv1 = (v1 && !Bsel) ? Binv[(size_t)d * dstate + n + NL] : W(0);
+        cinv0 = (v0 && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
+        cinv1 = (v1 && !Csel) ? Cinv[(size_t)d * dstate + n + NL] : W(0);
+    }
+};
+
 template <typename T, typename W, int DISC>
 __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_kernel(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, T* __restrict__ out,
@@ -951,28 +998,11 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
     constexpr int BCE = (16 * TT + NTH - 1) / NTH;  // tile elements per thread
     __shared__ __align__(16) W s_x[CPB * TT * 2];     // per channel and step: (dt, dt*u or u)
     __shared__ __align__(16) W s_bc[2][2][16 * RB];   // [buffer][B or C][state][step]
-    const int warp = threadIdx.x / 32, sub = (threadIdx.x % 32) / NL, n = threadIdx.x % NL;
-    const int d = blockIdx.x * CPB + warp * CPW + sub;
-    const bool dvalid = d < dim, v0 = dvalid && n < dstate, v1 = dvalid && n + NL < dstate;
-    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z;
-    const long long t_begin = (long long)k * chunk_len;
-    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
-    const int dd = dvalid ? d : 0;
-    const size_t chan = (size_t)b * dim + dd, row = chan * seqlen;
-    const int d_first = (int)blockIdx.x * CPB, g_blk = (d_first < dim ? d_first : dim - 1) / (dim / groups);
-    const T* bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
-    const T* cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
-    const W A0 = v0 ? A[(size_t)d * dstate + n] : W(0), A1 = v1 ? A[(size_t)d * dstate + n + NL] : W(0);
-    const W A20 = A0 * W(1.4426950408889634), A21 = A1 * W(1.4426950408889634);
-    const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
-    const W binv0 = (v0 && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
-    const W binv1 = (v1 && !Bsel) ? Binv[(size_t)d * dstate + n + NL] : W(0);
-    const W cinv0 = (v0 && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
-    const W cinv1 = (v1 && !Csel) ? Cinv[(size_t)d * dstate + n + NL] : W(0);
-    const size_t hrow = (chan * h0_chunks + (h0_chunks == 1 ? 0 : k)) * dstate;
-    W hA = (v0 && h0) ? h0[hrow + n] : W(0), hB = (v1 && h0) ? h0[hrow + n + NL] : W(0);
+    const PairLane<T, W> ln(CPB, A, Bsel, Binv, Csel, Cinv, D, delta_bias, dim, dstate, seqlen, groups, chunk_len);
+    const size_t hrow = (ln.chan * h0_chunks + (h0_chunks == 1 ? 0 : ln.k)) * dstate;
+    W hA = (ln.v0 && h0) ? h0[hrow + ln.n] : W(0), hB = (ln.v1 && h0) ? h0[hrow + ln.n + NL] : W(0);
     W prodA = W(1), prodB = W(1);
-    W* sx = s_x + (warp * CPW + sub) * TT * 2;
+    W* sx = s_x + (ln.warp * CPW + ln.sub) * TT * 2;
     const bool want_out = out != nullptr;
 
     auto body = [&](auto with_out, auto with_prod, auto both_selective) {
@@ -982,25 +1012,25 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
         T rbn[BCE], rcn[BCE];  // the next tile's elements of B and C, in flight
         T nu0 = T{}, nd0 = T{}, nz0 = T{}, nu1 = T{}, nd1 = T{}, nz1 = T{};  // this lane's two steps of the next tile
         auto fetch = [&](long long tn) {
-            const int ntn = (int)(t_end - tn < TT ? t_end - tn : TT);
-            if (Bsel) fetch_tile<16, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, tn, ntn);
-            if (WO && Csel) fetch_tile<16, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tn, ntn);
-            if (dvalid && n < ntn) {
-                nu0 = u[row + tn + n];
-                nd0 = delta[row + tn + n];
-                if (WO && z) nz0 = z[row + tn + n];
+            const int ntn = (int)(ln.t_end - tn < TT ? ln.t_end - tn : TT);
+            if (Bsel) fetch_tile<16, TT, BCE, NTH>(rbn, ln.bblk, dstate, seqlen, tn, ntn);
+            if (WO && Csel) fetch_tile<16, TT, BCE, NTH>(rcn, ln.cblk, dstate, seqlen, tn, ntn);
+            if (ln.dvalid && ln.n < ntn) {
+                nu0 = u[ln.row + tn + ln.n];
+                nd0 = delta[ln.row + tn + ln.n];
+                if (WO && z) nz0 = z[ln.row + tn + ln.n];
             }
-            if (dvalid && n + NL < ntn) {
-                nu1 = u[row + tn + n + NL];
-                nd1 = delta[row + tn + n + NL];
-                if (WO && z) nz1 = z[row + tn + n + NL];
+            if (ln.dvalid && ln.n + NL < ntn) {
+                nu1 = u[ln.row + tn + ln.n + NL];
+                nd1 = delta[ln.row + tn + ln.n + NL];
+                if (WO && z) nz1 = z[ln.row + tn + ln.n + NL];
             }
         };
-        if (t_begin < t_end) fetch(t_begin);
+        if (ln.t_begin < ln.t_end) fetch(ln.t_begin);
         int buf = 0;
-        for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
-            const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
-            const bool tv0 = dvalid && n < nt, tv1 = dvalid && n + NL < nt;
+        for (long long t0 = ln.t_begin; t0 < ln.t_end; t0 += TT) {
+            const int nt = (int)(ln.t_end - t0 < TT ? ln.t_end - t0 : TT);
+            const bool tv0 = ln.dvalid && ln.n < nt, tv1 = ln.dvalid && ln.n + NL < nt;
 #pragma unroll
             for (int r = 0; r < BCE; ++r) {
                 const int e = threadIdx.x + r * NTH;
@@ -1012,35 +1042,35 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
             W u0 = W(0), dt0 = W(0), z0 = W(0), u1 = W(0), dt1 = W(0), z1 = W(0);
             if (tv0) {
                 u0 = widen(nu0);
-                dt0 = widen(nd0) + bias;
+                dt0 = widen(nd0) + ln.bias;
                 if (WO && z) z0 = widen(nz0);
             }
             if (tv1) {
                 u1 = widen(nu1);
-                dt1 = widen(nd1) + bias;
+                dt1 = widen(nd1) + ln.bias;
                 if (WO && z) z1 = widen(nz1);
             }
             __syncthreads();  // this tile's B, C staged (double buffer: the readers of this buffer, two tiles ago, are done)
-            if (t0 + TT < t_end) fetch(t0 + TT);
+            if (t0 + TT < ln.t_end) fetch(t0 + TT);
             if (softplus_flag) {
                 if (tv0) dt0 = softplus(dt0);
                 if (tv1) dt1 = softplus(dt1);
             }
             __syncwarp();  // the previous tile's readers of sx are done
-            sx[2 * n] = dt0;
-            sx[2 * n + 1] = DISC == DISC_MAMBA ? dt0 * u0 : u0;
-            sx[2 * (n + NL)] = dt1;
-            sx[2 * (n + NL) + 1] = DISC == DISC_MAMBA ? dt1 * u1 : u1;
+            sx[2 * ln.n] = dt0;
+            sx[2 * ln.n + 1] = DISC == DISC_MAMBA ? dt0 * u0 : u0;
+            sx[2 * (ln.n + NL)] = dt1;
+            sx[2 * (ln.n + NL) + 1] = DISC == DISC_MAMBA ? dt1 * u1 : u1;
             __syncwarp();
             if (ckpt && t0 % CKPT_T == 0) {
-                const size_t o = (chan * nck + t0 / CKPT_T) * dstate;
-                if (v0) ckpt[o + n] = hA;
-                if (v1) ckpt[o + n + NL] = hB;
+                const size_t o = (ln.chan * nck + t0 / CKPT_T) * dstate;
+                if (ln.v0) ckpt[o + ln.n] = hA;
+                if (ln.v1) ckpt[o + ln.n + NL] = hB;
             }
-            const W* brA = &s_bc[buf][0][n * RB];
-            const W* brB = &s_bc[buf][0][(n + NL) * RB];
-            const W* crA = &s_bc[buf][1][n * RB];
-            const W* crB = &s_bc[buf][1][(n + NL) * RB];
+            const W* brA = &s_bc[buf][0][ln.n * RB];
+            const W* brB = &s_bc[buf][0][(ln.n + NL) * RB];
+            const W* crA = &s_bc[buf][1][ln.n * RB];
+            const W* crB = &s_bc[buf][1][(ln.n + NL) * RB];
             W p[TT];
 #pragma unroll
             for (int q = 0; q < TT / 4; ++q) {
@@ -1049,16 +1079,16 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
                     bqA = reinterpret_cast<const float4*>(brA)[q];
                     bqB = reinterpret_cast<const float4*>(brB)[q];
                 } else {
-                    bqA = make_float4(binv0, binv0, binv0, binv0);
-                    bqB = make_float4(binv1, binv1, binv1, binv1);
+                    bqA = make_float4(ln.binv0, ln.binv0, ln.binv0, ln.binv0);
+                    bqB = make_float4(ln.binv1, ln.binv1, ln.binv1, ln.binv1);
                 }
                 if (WO) {
                     if (SEL || Csel) {
                         cqA = reinterpret_cast<const float4*>(crA)[q];
                         cqB = reinterpret_cast<const float4*>(crB)[q];
                     } else {
-                        cqA = make_float4(cinv0, cinv0, cinv0, cinv0);
-                        cqB = make_float4(cinv1, cinv1, cinv1, cinv1);
+                        cqA = make_float4(ln.cinv0, ln.cinv0, ln.cinv0, ln.cinv0);
+                        cqB = make_float4(ln.cinv1, ln.cinv1, ln.cinv1, ln.cinv1);
                     }
                 }
                 const W bA[4] = {bqA.x, bqA.y, bqA.z, bqA.w}, bB[4] = {bqB.x, bqB.y, bqB.z, bqB.w};
@@ -1069,14 +1099,14 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
                     W a, x, abarA, abarB;
                     staged_pair(sx, kk, a, x);
                     if (DISC == DISC_MAMBA) {
-                        abarA = fexp2(a * A20);
-                        abarB = fexp2(a * A21);
+                        abarA = fexp2(a * ln.A20);
+                        abarB = fexp2(a * ln.A21);
                         hA = abarA * hA + bA[j] * x;
                         hB = abarB * hB + bB[j] * x;
                     } else {
                         W bcA, bcB;
-                        discretize<DISC>(a, A0, A20, abarA, bcA);
-                        discretize<DISC>(a, A1, A21, abarB, bcB);
+                        discretize<DISC>(a, ln.A0, ln.A20, abarA, bcA);
+                        discretize<DISC>(a, ln.A1, ln.A21, abarB, bcB);
                         hA = abarA * hA + (bcA * x) * bA[j];
                         hB = abarB * hB + (bcB * x) * bB[j];
                     }
@@ -1089,16 +1119,16 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
             }
             buf ^= 1;
             if (WO) {
-                butterfly_stage2<NL / 2, NL>(p, n);
+                butterfly_stage2<NL / 2, NL>(p, ln.n);
                 if (tv0) {
-                    W y = p[0] + Dd * u0;
+                    W y = p[0] + ln.Dd * u0;
                     if (z) y *= silu(z0);
-                    out[row + t0 + n] = narrow<T>(y);
+                    out[ln.row + t0 + ln.n] = narrow<T>(y);
                 }
                 if (tv1) {
-                    W y = p[NL] + Dd * u1;
+                    W y = p[NL] + ln.Dd * u1;
                     if (z) y *= silu(z1);
-                    out[row + t0 + n + NL] = narrow<T>(y);
+                    out[ln.row + t0 + ln.n + NL] = narrow<T>(y);
                 }
             }
         }
@@ -1108,14 +1138,14 @@ __global__ void __launch_bounds__(LP_WARPS * 32, LP_MIN_BLOCKS) scan_fwd_pair_ke
     else if (pend) body(Flag<false>{}, Flag<true>{}, Flag<false>{});
     else body(Flag<false>{}, Flag<false>{}, Flag<false>{});
 
-    const size_t o = (chan * K + k) * dstate;
-    if (v0) {
-        if (hend) hend[o + n] = hA;
-        if (pend) pend[o + n] = prodA;
+    const size_t o = (ln.chan * ln.K + ln.k) * dstate;
+    if (ln.v0) {
+        if (hend) hend[o + ln.n] = hA;
+        if (pend) pend[o + ln.n] = prodA;
     }
-    if (v1) {
-        if (hend) hend[o + n + NL] = hB;
-        if (pend) pend[o + n + NL] = prodB;
+    if (ln.v1) {
+        if (hend) hend[o + ln.n + NL] = hB;
+        if (pend) pend[o + ln.n + NL] = prodB;
     }
 }
 
@@ -1562,65 +1592,49 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
     __shared__ __align__(16) W s_bc[2][2][16 * RB];     // [buffer][B or C][state][step]
     __shared__ __align__(16) W s_red[2 * CRED];         // [B or C][warp][state][step]
     PA_SHARED(s_dyn);                                   // [warp][step][lane]: a lane's two states
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, sub = lane / NL, n = lane % NL;
-    const int d = blockIdx.x * CPB + warp * CPW + sub;
-    const bool dvalid = d < dim, v0 = dvalid && n < dstate, v1 = dvalid && n + NL < dstate;
-    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z, batch = gridDim.y;
-    const long long t_begin = (long long)k * chunk_len;
-    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
-    const int dd = dvalid ? d : 0;
-    const size_t chan = (size_t)b * dim + dd, row = chan * seqlen;
-    const int d_first = (int)blockIdx.x * CPB, g_blk = (d_first < dim ? d_first : dim - 1) / (dim / groups);
-    const T* bblk = Bsel ? Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
-    const T* cblk = Csel ? Csel + ((size_t)b * groups + g_blk) * dstate * seqlen : nullptr;
-    const W A0 = v0 ? A[(size_t)d * dstate + n] : W(0), A1 = v1 ? A[(size_t)d * dstate + n + NL] : W(0);
-    const W A20 = A0 * W(1.4426950408889634), A21 = A1 * W(1.4426950408889634);
-    const W bias = (dvalid && delta_bias) ? delta_bias[d] : W(0), Dd = (dvalid && D) ? D[d] : W(0);
-    const W binv0 = (v0 && !Bsel) ? Binv[(size_t)d * dstate + n] : W(0);
-    const W binv1 = (v1 && !Bsel) ? Binv[(size_t)d * dstate + n + NL] : W(0);
-    const W cinv0 = (v0 && !Csel) ? Cinv[(size_t)d * dstate + n] : W(0);
-    const W cinv1 = (v1 && !Csel) ? Cinv[(size_t)d * dstate + n + NL] : W(0);
-    const size_t grow = (chan * g0_chunks + (g0_chunks == 1 ? 0 : k)) * dstate;
-    W gA = (v0 && g0) ? g0[grow + n] : W(0), gB = (v1 && g0) ? g0[grow + n + NL] : W(0);
-    W* sx = s_x + (warp * CPW + sub) * TT * 4;
-    float2* sh = reinterpret_cast<float2*>(s_dyn) + warp * TT * 32 + lane;  // step kk at sh[kk * 32]
+    const PairLane<T, W> ln(CPB, A, Bsel, Binv, Csel, Cinv, D, delta_bias, dim, dstate, seqlen, groups, chunk_len);
+    const int lane = threadIdx.x % 32, batch = gridDim.y;
+    const size_t grow = (ln.chan * g0_chunks + (g0_chunks == 1 ? 0 : ln.k)) * dstate;
+    W gA = (ln.v0 && g0) ? g0[grow + ln.n] : W(0), gB = (ln.v1 && g0) ? g0[grow + ln.n + NL] : W(0);
+    W* sx = s_x + (ln.warp * CPW + ln.sub) * TT * 4;
+    float2* sh = reinterpret_cast<float2*>(s_dyn) + ln.warp * TT * 32 + lane;  // step kk at sh[kk * 32]
     // where this lane's sum over the warp's channels goes: sub 0, 1: dB of states n, n + 8; 2, 3: dC
-    W* pred = s_red + (sub >> 1) * CRED + (warp * 16 + n + NL * (sub & 1)) * RR;
+    W* pred = s_red + (ln.sub >> 1) * CRED + (ln.warp * 16 + ln.n + NL * (ln.sub & 1)) * RR;
     W dA0 = W(0), dA1 = W(0), dBi0 = W(0), dBi1 = W(0), dCi0 = W(0), dCi1 = W(0), dD_acc = W(0), dbias_acc = W(0);
 
-    const int ntiles = (int)((t_end - t_begin + TT - 1) / TT);
+    const int ntiles = (int)((ln.t_end - ln.t_begin + TT - 1) / TT);
     T rbn[BCE], rcn[BCE];  // the next tile's elements of B and C, in flight
     T pu0 = T{}, pd0 = T{}, po0 = T{}, pz0 = T{}, pu1 = T{}, pd1 = T{}, po1 = T{}, pz1 = T{};  // steps n, n + 8
     W pck0 = W(0), pck1 = W(0);
     auto fetch = [&](long long tl) {  // the tile from step tl: B, C, this lane's two steps, its checkpoint
-        const int ntl = (int)(t_end - tl < TT ? t_end - tl : TT);
-        if (Bsel) fetch_tile<16, TT, BCE, NTH>(rbn, bblk, dstate, seqlen, tl, ntl);
-        if (Csel) fetch_tile<16, TT, BCE, NTH>(rcn, cblk, dstate, seqlen, tl, ntl);
-        if (dvalid && n < ntl) {
-            pu0 = u[row + tl + n];
-            pd0 = delta[row + tl + n];
-            po0 = dout[row + tl + n];
-            if (z) pz0 = z[row + tl + n];
+        const int ntl = (int)(ln.t_end - tl < TT ? ln.t_end - tl : TT);
+        if (Bsel) fetch_tile<16, TT, BCE, NTH>(rbn, ln.bblk, dstate, seqlen, tl, ntl);
+        if (Csel) fetch_tile<16, TT, BCE, NTH>(rcn, ln.cblk, dstate, seqlen, tl, ntl);
+        if (ln.dvalid && ln.n < ntl) {
+            pu0 = u[ln.row + tl + ln.n];
+            pd0 = delta[ln.row + tl + ln.n];
+            po0 = dout[ln.row + tl + ln.n];
+            if (z) pz0 = z[ln.row + tl + ln.n];
         }
-        if (dvalid && n + NL < ntl) {
-            pu1 = u[row + tl + n + NL];
-            pd1 = delta[row + tl + n + NL];
-            po1 = dout[row + tl + n + NL];
-            if (z) pz1 = z[row + tl + n + NL];
+        if (ln.dvalid && ln.n + NL < ntl) {
+            pu1 = u[ln.row + tl + ln.n + NL];
+            pd1 = delta[ln.row + tl + ln.n + NL];
+            po1 = dout[ln.row + tl + ln.n + NL];
+            if (z) pz1 = z[ln.row + tl + ln.n + NL];
         }
-        const size_t o = (chan * nck + tl / CKPT_T) * dstate;
-        if (v0) pck0 = ckpt[o + n];
-        if (v1) pck1 = ckpt[o + n + NL];
+        const size_t o = (ln.chan * nck + tl / CKPT_T) * dstate;
+        if (ln.v0) pck0 = ckpt[o + ln.n];
+        if (ln.v1) pck1 = ckpt[o + ln.n + NL];
     };
-    if (ntiles > 0) fetch(t_begin + (long long)(ntiles - 1) * TT);
+    if (ntiles > 0) fetch(ln.t_begin + (long long)(ntiles - 1) * TT);
     int buf = 0;
     auto tiles = [&](auto both_selective) {  // B and C both selective, known at compile time
     constexpr bool SEL = decltype(both_selective)::value;
     const bool bs = SEL || Bsel != nullptr, cs = SEL || Csel != nullptr;
     for (int it = ntiles - 1; it >= 0; --it) {
-        const long long t0 = t_begin + (long long)it * TT;
-        const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
-        const bool tv0 = dvalid && n < nt, tv1 = dvalid && n + NL < nt;
+        const long long t0 = ln.t_begin + (long long)it * TT;
+        const int nt = (int)(ln.t_end - t0 < TT ? ln.t_end - t0 : TT);
+        const bool tv0 = ln.dvalid && ln.n < nt, tv1 = ln.dvalid && ln.n + NL < nt;
 #pragma unroll
         for (int r = 0; r < BCE; ++r) {
             const int e = threadIdx.x + r * NTH;
@@ -1633,13 +1647,13 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
         W uu0 = W(0), vv0 = W(0), go0 = W(0), zz0 = W(0), uu1 = W(0), vv1 = W(0), go1 = W(0), zz1 = W(0);
         if (tv0) {
             uu0 = widen(pu0);
-            vv0 = widen(pd0) + bias;
+            vv0 = widen(pd0) + ln.bias;
             go0 = widen(po0);
             if (z) zz0 = widen(pz0);
         }
         if (tv1) {
             uu1 = widen(pu1);
-            vv1 = widen(pd1) + bias;
+            vv1 = widen(pd1) + ln.bias;
             go1 = widen(po1);
             if (z) zz1 = widen(pz1);
         }
@@ -1670,19 +1684,19 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
             }
         }
         __syncwarp();  // the previous tile's readers of sx are done
-        sx[4 * n] = dt0;
-        sx[4 * n + 1] = uu0;
-        sx[4 * n + 2] = dy0;
-        sx[4 * n + 3] = dt0 * uu0;
-        sx[4 * (n + NL)] = dt1;
-        sx[4 * (n + NL) + 1] = uu1;
-        sx[4 * (n + NL) + 2] = dy1;
-        sx[4 * (n + NL) + 3] = dt1 * uu1;
+        sx[4 * ln.n] = dt0;
+        sx[4 * ln.n + 1] = uu0;
+        sx[4 * ln.n + 2] = dy0;
+        sx[4 * ln.n + 3] = dt0 * uu0;
+        sx[4 * (ln.n + NL)] = dt1;
+        sx[4 * (ln.n + NL) + 1] = uu1;
+        sx[4 * (ln.n + NL) + 2] = dy1;
+        sx[4 * (ln.n + NL) + 3] = dt1 * uu1;
         __syncwarp();
-        const W* brA = &s_bc[buf][0][n * RB];
-        const W* brB = &s_bc[buf][0][(n + NL) * RB];
-        const W* crA = &s_bc[buf][1][n * RB];
-        const W* crB = &s_bc[buf][1][(n + NL) * RB];
+        const W* brA = &s_bc[buf][0][ln.n * RB];
+        const W* brB = &s_bc[buf][0][(ln.n + NL) * RB];
+        const W* crA = &s_bc[buf][1][ln.n * RB];
+        const W* crB = &s_bc[buf][1][(ln.n + NL) * RB];
 
         // recompute the tile's states into sh; y (for dz) of each half through the butterfly
         {
@@ -1693,8 +1707,8 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
 #pragma unroll
                 for (int q = 0; q < 2; ++q) {
                     const int qq = 2 * half + q;
-                    const float4 bqA = quad(brA, binv0, bs, qq), bqB = quad(brB, binv1, bs, qq);
-                    const float4 cqA = quad(crA, cinv0, cs, qq), cqB = quad(crB, cinv1, cs, qq);
+                    const float4 bqA = quad(brA, ln.binv0, bs, qq), bqB = quad(brB, ln.binv1, bs, qq);
+                    const float4 cqA = quad(crA, ln.cinv0, cs, qq), cqB = quad(crB, ln.cinv1, cs, qq);
                     const W bA[4] = {bqA.x, bqA.y, bqA.z, bqA.w}, bB[4] = {bqB.x, bqB.y, bqB.z, bqB.w};
                     const W cA[4] = {cqA.x, cqA.y, cqA.z, cqA.w}, cB[4] = {cqB.x, cqB.y, cqB.z, cqB.w};
 #pragma unroll
@@ -1702,17 +1716,17 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                         const int kk = 4 * qq + j;
                         W a, uk, yk, x;
                         staged4(sx, kk, a, uk, yk, x);
-                        recompute_state<DISC>(hA, a, uk, x, bA[j], A0, A20);
-                        recompute_state<DISC>(hB, a, uk, x, bB[j], A1, A21);
+                        recompute_state<DISC>(hA, a, uk, x, bA[j], ln.A0, ln.A20);
+                        recompute_state<DISC>(hB, a, uk, x, bB[j], ln.A1, ln.A21);
                         sh[kk * 32] = make_float2(hA, hB);
                         py[4 * q + j] = cA[j] * hA + cB[j] * hB;
                     }
                 }
                 if (dz) {
-                    const W y = transpose_sum<NL>(py, n);
+                    const W y = transpose_sum<NL>(py, ln.n);
                     const bool tv = half ? tv1 : tv0;
                     const W uu = half ? uu1 : uu0, go = half ? go1 : go0, zz = half ? zz1 : zz0, sz = half ? sz1 : sz0;
-                    if (tv) dz[row + t0 + n + NL * half] = narrow<T>(go * (y + Dd * uu) * sz * (W(1) + zz * (W(1) - sz)));
+                    if (tv) dz[ln.row + t0 + ln.n + NL * half] = narrow<T>(go * (y + ln.Dd * uu) * sz * (W(1) + zz * (W(1) - sz)));
                 }
             }
         }
@@ -1724,8 +1738,8 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
 #pragma unroll
             for (int q = 1; q >= 0; --q) {
                 const int qq = 2 * half + q;
-                const float4 bqA = quad(brA, binv0, bs, qq), bqB = quad(brB, binv1, bs, qq);
-                const float4 cqA = quad(crA, cinv0, cs, qq), cqB = quad(crB, cinv1, cs, qq);
+                const float4 bqA = quad(brA, ln.binv0, bs, qq), bqB = quad(brB, ln.binv1, bs, qq);
+                const float4 cqA = quad(crA, ln.cinv0, cs, qq), cqB = quad(crB, ln.cinv1, cs, qq);
                 const W bA[4] = {bqA.x, bqA.y, bqA.z, bqA.w}, bB[4] = {bqB.x, bqB.y, bqB.z, bqB.w};
                 const W cA[4] = {cqA.x, cqA.y, cqA.z, cqA.w}, cB[4] = {cqB.x, cqB.y, cqB.z, cqB.w};
 #pragma unroll
@@ -1735,8 +1749,8 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                     staged4(sx, kk, a, uk, yk, x);
                     const float2 hp = kk > 0 ? sh[(kk > 0 ? kk - 1 : 0) * 32] : make_float2(hck0, hck1);
                     W qdi = W(0), qui = W(0), rBA, rBB, rCA, rCB;
-                    adjoint_state<DISC>(gA, hp.x, hk.x, a, uk, yk, x, bA[j], cA[j], A0, A20, qdi, qui, dA0, rBA, rCA);
-                    adjoint_state<DISC>(gB, hp.y, hk.y, a, uk, yk, x, bB[j], cB[j], A1, A21, qdi, qui, dA1, rBB, rCB);
+                    adjoint_state<DISC>(gA, hp.x, hk.x, a, uk, yk, x, bA[j], cA[j], ln.A0, ln.A20, qdi, qui, dA0, rBA, rCA);
+                    adjoint_state<DISC>(gB, hp.y, hk.y, a, uk, yk, x, bB[j], cB[j], ln.A1, ln.A21, qdi, qui, dA1, rBB, rCB);
                     if (DISC == DISC_MAMBA) {  // qd: sum of dabs * A, qu: sum of g * B over the lane's states
                         qd[i] = qdi + uk * qui;
                         qu[i] = a * qui;
@@ -1754,7 +1768,7 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                         dCi1 += rCB;
                     }
                     if (bs || cs) {  // sum over the warp's 4 channels: sub s keeps value s of (rBA, rBB, rCA, rCB)
-                        const bool h2 = (sub & 2) != 0, h1 = (sub & 1) != 0;
+                        const bool h2 = (ln.sub & 2) != 0, h1 = (ln.sub & 1) != 0;
                         const W m0 = (h2 ? rCA : rBA) + __shfl_xor_sync(0xffffffffu, h2 ? rBA : rCA, 16);
                         const W m1 = (h2 ? rCB : rBB) + __shfl_xor_sync(0xffffffffu, h2 ? rBB : rCB, 16);
                         pred[kk] = (h1 ? m1 : m0) + __shfl_xor_sync(0xffffffffu, h1 ? m0 : m1, 8);
@@ -1762,13 +1776,13 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                 }
             }
             // sums over the states: lane n gets step n + 8 * half
-            const W ddt_n = transpose_sum<NL>(qd, n), du_n = transpose_sum<NL>(qu, n);
+            const W ddt_n = transpose_sum<NL>(qd, ln.n), du_n = transpose_sum<NL>(qu, ln.n);
             const bool tv = half ? tv1 : tv0;
             const W dy = half ? dy1 : dy0, dsp = half ? dsp1 : dsp0, uu = half ? uu1 : uu0;
             if (tv) {
-                const long long t = t0 + n + NL * half;
-                du[row + t] = narrow<T>(du_n + Dd * dy);
-                ddelta[row + t] = narrow<T>(ddt_n * dsp);
+                const long long t = t0 + ln.n + NL * half;
+                du[ln.row + t] = narrow<T>(du_n + ln.Dd * dy);
+                ddelta[ln.row + t] = narrow<T>(ddt_n * dsp);
                 dD_acc += dy * uu;
                 dbias_acc += ddt_n * dsp;
             }
@@ -1782,7 +1796,7 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                     W sum = W(0);
 #pragma unroll
                     for (int w = 0; w < BP_WARPS; ++w) sum += src[w * 16 * RR];
-                    const size_t o = (((size_t)blockIdx.x * batch + b) * dstate + nn) * seqlen + t0 + kk;
+                    const size_t o = (((size_t)blockIdx.x * batch + ln.b) * dstate + nn) * seqlen + t0 + kk;
                     (isC ? dC_part : dB_part)[o] = sum;
                 }
             }
@@ -1792,23 +1806,23 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
     };
     if (Bsel && Csel) tiles(Flag<true>{});
     else tiles(Flag<false>{});
-    const size_t o = (chan * K + k) * dstate;
-    if (v0) {
-        gout[o + n] = gA;
-        dA_part[o + n] = dA0;
-        if (dBinv_part) dBinv_part[o + n] = dBi0;
-        if (dCinv_part) dCinv_part[o + n] = dCi0;
+    const size_t o = (ln.chan * ln.K + ln.k) * dstate;
+    if (ln.v0) {
+        gout[o + ln.n] = gA;
+        dA_part[o + ln.n] = dA0;
+        if (dBinv_part) dBinv_part[o + ln.n] = dBi0;
+        if (dCinv_part) dCinv_part[o + ln.n] = dCi0;
     }
-    if (v1) {
-        gout[o + n + NL] = gB;
-        dA_part[o + n + NL] = dA1;
-        if (dBinv_part) dBinv_part[o + n + NL] = dBi1;
-        if (dCinv_part) dCinv_part[o + n + NL] = dCi1;
+    if (ln.v1) {
+        gout[o + ln.n + NL] = gB;
+        dA_part[o + ln.n + NL] = dA1;
+        if (dBinv_part) dBinv_part[o + ln.n + NL] = dBi1;
+        if (dCinv_part) dCinv_part[o + ln.n + NL] = dCi1;
     }
     dD_acc = lane_sum<NL>(dD_acc);
     dbias_acc = lane_sum<NL>(dbias_acc);
-    if (dvalid && n == 0) {
-        if (dD_part) dD_part[chan * K + k] = dD_acc;
-        if (dbias_part) dbias_part[chan * K + k] = dbias_acc;
+    if (ln.dvalid && ln.n == 0) {
+        if (dD_part) dD_part[ln.chan * ln.K + ln.k] = dD_acc;
+        if (dbias_part) dbias_part[ln.chan * ln.K + ln.k] = dbias_acc;
     }
 }
