@@ -550,8 +550,9 @@ class _Scan:
         through each chunk alone, into ``gout``)."""
         g = grads or {}
         if self.bw_pair and grads is not None:
-            kernel = self.module.kernel(f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>", self.smem_pair)
-            grid, block, smem = (self.bp_nblk, self.batch, self.K), (8 * self.bp_cpb,), self.smem_pair
+            smem = self.smem_pair
+            kernel = self.module.kernel(f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>", smem)
+            grid, block = (self.bp_nblk, self.batch, self.K), (8 * self.bp_cpb,)
             tail = (
                 _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
                 _i64(self.chunk_len),
