@@ -386,7 +386,6 @@ class _Scan:
             and not self.wide
             and ((gb is None and gc is None) or (self.dim // self.groups) % self.bw_cpb == 0)
         )
-        self.bw_nblk = -(-self.dim // self.bw_cpb)
         # its full pass with two states per lane (8 lanes per channel), blocks of bp_cpb
         # channels each inside one group
         self.bp_cpb = 4 * _define_int("BP_WARPS", 8)
@@ -395,7 +394,8 @@ class _Scan:
             and _define_int("BW_PAIR", BW_PAIR) != 0
             and ((gb is None and gc is None) or (self.dim // self.groups) % self.bp_cpb == 0)
         )
-        self.bp_nblk = -(-self.dim // self.bp_cpb)
+        # channels a block of the backward's full pass: the rows of its dB, dC partial sums
+        self.part_cpb = self.bp_cpb if self.bw_pair else self.bw_cpb
         if chunk_len is None:
             self.chunk_len, self.K = self._chunking(u)
         else:  # the chunks of the forward whose checkpoints the backward reuses
@@ -541,25 +541,21 @@ class _Scan:
 
     def part_blocks(self) -> int:
         """Rows of the backward's per-block dB, dC partial sums."""
-        if self.bw_pair:
-            return self.bp_nblk
-        return self.bw_nblk if self.bw_lanes else self.nblk * self.gspan
+        return -(-self.dim // self.part_cpb) if self.bw_lanes else self.nblk * self.gspan
 
     def backward(self, dout, g0, g0_chunks, gout, ckpt, nck, grads):
         """The backward kernel's full pass (``grads``) or its chunk pass (None: the adjoint
         through each chunk alone, into ``gout``)."""
         g = grads or {}
-        if self.bw_pair and grads is not None:
-            smem = self.smem_pair
-            kernel = self.module.kernel(f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>", smem)
-            grid, block = (self.bp_nblk, self.batch, self.K), (8 * self.bp_cpb,)
-            tail = (
-                _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
-                _i64(self.chunk_len),
+        if self.bw_lanes:
+            pair = self.bw_pair and grads is not None  # the chunk pass has one state per lane
+            cpb, lanes = (self.bp_cpb, 8) if pair else (self.bw_cpb, 16)
+            smem = self.smem_pair if pair else 0
+            kernel = self.module.kernel(
+                f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>" if pair
+                else f"scan_bwd_lanes_kernel<{self.storage},{self.compute},16,{self.disc}>", smem
             )
-        elif self.bw_lanes:
-            kernel = self.module.kernel(f"scan_bwd_lanes_kernel<{self.storage},{self.compute},16,{self.disc}>", 0)
-            grid, block, smem = (self.bw_nblk, self.batch, self.K), (16 * self.bw_cpb,), 0
+            grid, block = (-(-self.dim // cpb), self.batch, self.K), (lanes * cpb,)
             tail = (
                 _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
                 _i64(self.chunk_len),
@@ -585,9 +581,8 @@ class _Scan:
         """(blocks*gspan, batch, dstate, seqlen) partial sums -> (batch, groups, dstate, seqlen), in a fixed order."""
         cp, G = self.cp, self.groups
         cpg = self.dim // G
-        if self.bw_lanes:  # blocks of bw_cpb (or bp_cpb) channels, each inside one group
-            cpb = self.bp_cpb if self.bw_pair else self.bw_cpb
-            total = part.reshape(G, cpg // cpb, self.batch, self.dstate, self.seqlen).sum(axis=1)
+        if self.bw_lanes:  # blocks of part_cpb channels, each inside one group
+            total = part.reshape(G, cpg // self.part_cpb, self.batch, self.dstate, self.seqlen).sum(axis=1)
         elif self.gspan == 1 and cpg % CH_BLOCK == 0:
             total = part.reshape(G, cpg // CH_BLOCK, self.batch, self.dstate, self.seqlen).sum(axis=1)
         else:

@@ -1574,6 +1574,41 @@ PA_DEV float4 quad(const float* rowp, float inv, bool sel, int q) {
     return sel ? reinterpret_cast<const float4*>(rowp)[q] : make_float4(inv, inv, inv, inv);
 }
 
+// One step of a lane in the two-states-per-lane backward, staged: its u, delta + bias,
+// dout and z as loaded (zero past the end of the sequence), then dt (softplus), softplus'
+// derivative, sigmoid(z) and dy = dout * silu(z); stage() writes (dt, u, dy, dt*u).
+template <typename W> struct BwdStep {
+    W u = W(0), v = W(0), go = W(0), zz = W(0), dt = W(0), dsp = W(1), sz = W(1), dy = W(0);
+    template <typename T> PA_DEV void load(bool tv, T pu, T pd, T po, T pz, bool has_z, W bias) {
+        if (tv) {
+            u = widen(pu);
+            v = widen(pd) + bias;
+            go = widen(po);
+            if (has_z) zz = widen(pz);
+        }
+    }
+    PA_DEV void prepare(bool tv, bool has_z, int softplus_flag) {
+        dy = go;
+        if (tv) {
+            dt = v;
+            if (softplus_flag) {
+                dt = softplus(v);
+                dsp = softplus_grad(v);
+            }
+            if (has_z) {
+                sz = W(1) / (W(1) + fexp(-zz));  // silu(z) = z * sz
+                dy = go * zz * sz;
+            }
+        }
+    }
+    PA_DEV void stage(W* s) const {
+        s[0] = dt;
+        s[1] = u;
+        s[2] = dy;
+        s[3] = dt * u;
+    }
+};
+
 template <typename T, typename W, int DISC>
 __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_kernel(
     const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
@@ -1643,55 +1678,18 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                 if (Csel) s_bc[buf][1][(e / TT) * RB + e % TT] = widen(rcn[r]);
             }
         }
-        // this lane's two steps: dt (softplus), u, dy = dout * silu(z), and what dz needs
-        W uu0 = W(0), vv0 = W(0), go0 = W(0), zz0 = W(0), uu1 = W(0), vv1 = W(0), go1 = W(0), zz1 = W(0);
-        if (tv0) {
-            uu0 = widen(pu0);
-            vv0 = widen(pd0) + ln.bias;
-            go0 = widen(po0);
-            if (z) zz0 = widen(pz0);
-        }
-        if (tv1) {
-            uu1 = widen(pu1);
-            vv1 = widen(pd1) + ln.bias;
-            go1 = widen(po1);
-            if (z) zz1 = widen(pz1);
-        }
+        // this lane's two steps (n and n + 8): dt (softplus), u, dy = dout * silu(z), and what dz needs
+        BwdStep<W> st[2];
+        st[0].load(tv0, pu0, pd0, po0, pz0, z != nullptr, ln.bias);
+        st[1].load(tv1, pu1, pd1, po1, pz1, z != nullptr, ln.bias);
         const W hck0 = pck0, hck1 = pck1;
         __syncthreads();  // this tile's B, C staged (double buffer: the readers of this buffer, two tiles ago, are done)
         if (it > 0) fetch(t0 - TT);
-        W dt0 = W(0), dsp0 = W(1), sz0 = W(1), dy0 = go0, dt1 = W(0), dsp1 = W(1), sz1 = W(1), dy1 = go1;
-        if (tv0) {
-            dt0 = vv0;
-            if (softplus_flag) {
-                dt0 = softplus(vv0);
-                dsp0 = softplus_grad(vv0);
-            }
-            if (z) {
-                sz0 = W(1) / (W(1) + fexp(-zz0));  // sigmoid(z); silu(z) = z * sz
-                dy0 = go0 * zz0 * sz0;
-            }
-        }
-        if (tv1) {
-            dt1 = vv1;
-            if (softplus_flag) {
-                dt1 = softplus(vv1);
-                dsp1 = softplus_grad(vv1);
-            }
-            if (z) {
-                sz1 = W(1) / (W(1) + fexp(-zz1));
-                dy1 = go1 * zz1 * sz1;
-            }
-        }
+        st[0].prepare(tv0, z != nullptr, softplus_flag);
+        st[1].prepare(tv1, z != nullptr, softplus_flag);
         __syncwarp();  // the previous tile's readers of sx are done
-        sx[4 * ln.n] = dt0;
-        sx[4 * ln.n + 1] = uu0;
-        sx[4 * ln.n + 2] = dy0;
-        sx[4 * ln.n + 3] = dt0 * uu0;
-        sx[4 * (ln.n + NL)] = dt1;
-        sx[4 * (ln.n + NL) + 1] = uu1;
-        sx[4 * (ln.n + NL) + 2] = dy1;
-        sx[4 * (ln.n + NL) + 3] = dt1 * uu1;
+        st[0].stage(sx + 4 * ln.n);
+        st[1].stage(sx + 4 * (ln.n + NL));
         __syncwarp();
         const W* brA = &s_bc[buf][0][ln.n * RB];
         const W* brB = &s_bc[buf][0][(ln.n + NL) * RB];
@@ -1725,8 +1723,8 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
                 if (dz) {
                     const W y = transpose_sum<NL>(py, ln.n);
                     const bool tv = half ? tv1 : tv0;
-                    const W uu = half ? uu1 : uu0, go = half ? go1 : go0, zz = half ? zz1 : zz0, sz = half ? sz1 : sz0;
-                    if (tv) dz[ln.row + t0 + ln.n + NL * half] = narrow<T>(go * (y + ln.Dd * uu) * sz * (W(1) + zz * (W(1) - sz)));
+                    const BwdStep<W>& s = st[half];
+                    if (tv) dz[ln.row + t0 + ln.n + NL * half] = narrow<T>(s.go * (y + ln.Dd * s.u) * s.sz * (W(1) + s.zz * (W(1) - s.sz)));
                 }
             }
         }
@@ -1778,13 +1776,13 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
             // sums over the states: lane n gets step n + 8 * half
             const W ddt_n = transpose_sum<NL>(qd, ln.n), du_n = transpose_sum<NL>(qu, ln.n);
             const bool tv = half ? tv1 : tv0;
-            const W dy = half ? dy1 : dy0, dsp = half ? dsp1 : dsp0, uu = half ? uu1 : uu0;
+            const BwdStep<W>& s = st[half];
             if (tv) {
                 const long long t = t0 + ln.n + NL * half;
-                du[ln.row + t] = narrow<T>(du_n + ln.Dd * dy);
-                ddelta[ln.row + t] = narrow<T>(ddt_n * dsp);
-                dD_acc += dy * uu;
-                dbias_acc += ddt_n * dsp;
+                du[ln.row + t] = narrow<T>(du_n + ln.Dd * s.dy);
+                ddelta[ln.row + t] = narrow<T>(ddt_n * s.dsp);
+                dD_acc += s.dy * s.u;
+                dbias_acc += ddt_n * s.dsp;
             }
         }
         if (bs || cs) {  // sums over the block's warps, in a fixed order
