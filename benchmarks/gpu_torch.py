@@ -20,7 +20,8 @@ every configuration the run will time in N processes first: Triton's disk cache 
 the timed runs, so compiling stays out of the numbers and off the critical path),
 ``--only-precompile``, ``--gluon`` (the Gluon forward with 1 and 2 warps a program beside the Triton
 one at each size and dtype: forward, then forward+backward through autograd),
-``--gluon-variants`` (its warps, tile length and prefetch distance at the first size).
+``--gluon-variants`` (its warps, tile length and prefetch distance at the first size),
+``--bwd`` (forward+backward with the Triton backward and the Gluon one, 2 and 4 warps a program).
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def precompile(jobs, workers):
     print(f"precompiled {len(jobs)} configurations in {time.time() - t0:.0f} s ({failed} failed)", flush=True)
 
 
-def jobs_of(which, sweep, gluon=False, gluon_variants=False):
+def jobs_of(which, sweep, gluon=False, gluon_variants=False, bwd=False):
     jobs = [("step", {}, -1, "float32", False)]
     jobs += [("scan", {}, i, d, True) for i in which for d in DTYPES]
     if sweep:
@@ -248,21 +249,45 @@ def jobs_of(which, sweep, gluon=False, gluon_variants=False):
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for k in kernels]
     if gluon_variants:
         jobs += [("scan", opts, 0, d, False) for _, opts in GLUON_VARIANTS for d in DTYPES]
+    if bwd:
+        jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for _, k in BWD_KERNELS]
     return jobs
 
 
 def gluon_compare(which, quick, variants):
     """The Triton and the Gluon forward side by side (same run), then fwd+bwd with each forward."""
-    lines = [
-        "| batch, dim, seqlen, dstate | dtype | forward | fwd ms (vs official) | fwd+bwd ms (vs official) |",
-        "|---|---|---|---|---|",
-    ]
     kernels = [("triton", {"fwd_kernel": "triton"}), ("gluon, 1 warp", {"fwd_kernel": "gluon", "gluon_warps": 1})]
     kernels += [("gluon, 2 warps", {"fwd_kernel": "gluon", "gluon_warps": 2})]
     rows = [(SIZES[i], d, name, opts, False) for i in which for d in DTYPES for name, opts in kernels]
     rows += [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in kernels]
     if variants:
         rows += [(SIZES[0], d, name, opts, False) for name, opts in GLUON_VARIANTS for d in DTYPES]
+    return compare(rows, quick, "forward")
+
+
+#: the backward kernels that ``--bwd`` times side by side
+BWD_KERNELS = [
+    ("triton", {"bwd_kernel": "triton"}),
+    ("gluon, 2 warps", {"bwd_kernel": "gluon", "gluon_bwd_warps": 2}),
+    ("gluon, 4 warps", {"bwd_kernel": "gluon", "gluon_bwd_warps": 4}),
+    ("gluon, 2 warps, 168 registers", {"bwd_kernel": "gluon", "gluon_bwd_warps": 2, "gluon_bwd_maxnreg": 168}),
+    ("gluon, 2 warps, 128 registers", {"bwd_kernel": "gluon", "gluon_bwd_warps": 2, "gluon_bwd_maxnreg": 128}),
+    ("gluon, 4 warps, 128 registers", {"bwd_kernel": "gluon", "gluon_bwd_warps": 4, "gluon_bwd_maxnreg": 128}),
+]
+
+
+def bwd_compare(which, quick):
+    """Forward+backward through autograd with the Triton and the Gluon backward, same run."""
+    rows = [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in BWD_KERNELS]
+    return compare(rows, quick, "backward")
+
+
+def compare(rows, quick, what):
+    """Time (size, dtype, name, options, with backward) rows, one table line each."""
+    lines = [
+        f"| batch, dim, seqlen, dstate | dtype | {what} | fwd ms (vs official) | fwd+bwd ms (vs official) |",
+        "|---|---|---|---|---|",
+    ]
     t0 = time.time()
     for size, dtype_name, name, opts, both in rows:
         _configured(opts)
@@ -386,17 +411,26 @@ def main():
     parser.add_argument("--only-precompile", action="store_true")
     parser.add_argument("--gluon", action="store_true", help="only the Gluon forward beside the Triton one")
     parser.add_argument("--gluon-variants", action="store_true")
+    parser.add_argument("--bwd", action="store_true", help="only the Gluon backward beside the Triton one")
     args = parser.parse_args()
     which = [int(i) for i in args.sizes.split(",") if i]
     if args.precompile:
-        gl_jobs = args.gluon or args.gluon_variants
-        jobs = jobs_of(which, args.sweep, args.gluon, args.gluon_variants)
+        gl_jobs = args.gluon or args.gluon_variants or args.bwd
+        jobs = jobs_of(which, args.sweep, args.gluon, args.gluon_variants, args.bwd)
         if gl_jobs:  # the Gluon comparison times no decode step and no default fwd+bwd
             jobs = [j for j in jobs if j[0] == "scan"]
         precompile(jobs, args.precompile)
     if args.only_precompile:
         return
     portassm.set_backend("torch")
+    if args.bwd:
+        text = "\n".join(bwd_compare(which, args.quick))
+        print()
+        print(text, flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "torch_bwd.md"), "w") as f:
+                f.write(text + "\n")
+        return
     if args.gluon or args.gluon_variants:
         text = "\n".join(gluon_compare(which if args.gluon else [], args.quick, args.gluon_variants))
         print()

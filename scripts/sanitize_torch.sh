@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # compute-sanitizer (memcheck, racecheck) on the torch backend's Triton and Gluon kernels at a
-# small size: both forwards (whole sequence and sequence chunks), backward (both), and one step.
+# small size: both forwards and both backwards (whole sequence and sequence chunks), and one step.
 # Run on the GPU machine from the repository root:  bash scripts/sanitize_torch.sh
 # Exits non-zero when a tool reports an error; logs go to $OUT (or /tmp) as sanitize_*.log.
 set -u
@@ -13,8 +13,9 @@ portassm.set_backend("torch")
 g = torch.Generator(device="cuda").manual_seed(0)
 def r(*s): return torch.randn(*s, device="cuda", generator=g)
 batch, dim, seqlen, dstate = 2, 64, 200, 16
-for fwd_kernel, min_warps in [(f, m) for f in ("gluon", "triton") for m in (1, 10**6)]:  # both forwards;
-    tt.configure(min_warps=min_warps, ck=16, fwd_kernel=fwd_kernel)                       # whole sequences, then chunks
+kernels = [(f, b, m) for f in ("gluon", "triton") for b in ("gluon", "triton") for m in (1, 10**6)]
+for fwd_kernel, bwd_kernel, min_warps in kernels:  # both forwards and both backwards; whole sequences, then chunks
+    tt.configure(min_warps=min_warps, bwd_min_warps=min_warps, ck=16, fwd_kernel=fwd_kernel, bwd_kernel=bwd_kernel)
     args = dict(u=r(batch, dim, seqlen), delta=r(batch, dim, seqlen) * 0.5, A=-torch.rand(dim, dstate, device="cuda") - 0.5,
                 B=r(batch, 2, dstate, seqlen), C=r(batch, 2, dstate, seqlen), D=r(dim), z=r(batch, dim, seqlen),
                 delta_bias=r(dim) * 0.1, initial_state=r(batch, dim, dstate))

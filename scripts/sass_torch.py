@@ -27,11 +27,12 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-TENSORS_16 = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr")
+TENSORS_16 = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
 COMMON = {"STATE_ONLY": False, "FAST": True}
 
 DEFAULTS = {
     "gluon": {"DSTATE": 16, "SPT": 4, "LPC": 4, "W": 2, "STEPS": 16, "CK": 32, "MODE": 0},
+    "gluon_bwd": {"DSTATE": 16, "W": 2, "STEPS": 16, "HAS_Z": True, "ADJOINT_ONLY": False, "BCT": 8},
     "triton": {"DSTATE": 16, "BLOCK_D": 32, "STEPS": 16, "CK": 32, "MODE": 0, "B_VARY": True, "C_VARY": True},
 }
 
@@ -63,9 +64,13 @@ def main():
     parser.add_argument("--bf16", action="store_true", help="16-bit u, delta, z, out")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default="/tmp/portassm-sass")
+    parser.add_argument("--maxnreg", type=int, default=None, help="register cap passed to ptxas")
     args = parser.parse_args()
     consts = {**COMMON, **DEFAULTS[args.kernel]}
-    consts.update({"PF": 32, "BCT": 8} if args.kernel == "gluon" else {"PF": 16, "CDT": tl.float32})
+    if args.kernel == "gluon":
+        consts.update({"PF": 32, "BCT": 8})
+    elif args.kernel == "triton":
+        consts.update({"PF": 16, "CDT": tl.float32})
     for item in args.set:
         name, value = item.split("=", 1)
         consts[name] = ast.literal_eval(value)
@@ -75,12 +80,19 @@ def main():
         from portassm.backends import gluon_kernels
 
         fn, warps = gluon_kernels._scan_fwd_gluon, consts["W"]
+    elif args.kernel == "gluon_bwd":
+        from triton.experimental.gluon._runtime import GluonASTSource as Source
+
+        from portassm.backends import gluon_kernels
+
+        fn, warps = gluon_kernels._scan_bwd_gluon, consts["W"]
     else:
         from triton.compiler import ASTSource as Source
 
         from portassm.backends import triton_kernels
 
         fn, warps = triton_kernels._scan_fwd_kernel, consts["BLOCK_D"] * 4 // 32
+    consts = {n: v for n, v in consts.items() if n in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -94,7 +106,7 @@ def main():
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = {(fn.arg_names.index(n),): v for n, v in consts.items()}
     src = Source(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, args.kernel)
     for ext in ("ptx", "ttgir"):

@@ -332,3 +332,364 @@ def _scan_fwd_gluon(
             dts = gl.convert_layout(dtsum, gl.SliceLayout(1, LS))[:, None]
             prod = gl.exp2((dts * LOG2E) * A)
         gl.store(decay_ptr + chunk_state, prod)
+
+
+# --------------------------------------------------------------------------- the backward
+
+
+@gluon.jit
+def _sigmoid(x, FAST: gl.constexpr):
+    return _rcp(1.0 + _ex2(x * (-LOG2E), FAST), FAST)
+
+
+@gluon.jit
+def _bfly(x, OFF: gl.constexpr):
+    """The value of ``x`` held by lane ``lane ^ OFF`` (a butterfly shuffle over the whole warp)."""
+    if OFF == 16:
+        return gl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, 16, 0x1f, -1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1
+        )
+    elif OFF == 8:
+        return gl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, 8, 0x1f, -1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1
+        )
+    else:
+        gl.static_assert(OFF == 4)
+        return gl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, 4, 0x1f, -1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1
+        )
+
+
+@gluon.jit
+def _exchange(lo, hi, bit, OFF: gl.constexpr):
+    """One level of a transposed butterfly: lanes with ``bit`` keep ``hi`` and send ``lo``, the others
+    the reverse; each adds what its partner (lane ^ OFF) sent. Two values in, one sum out."""
+    send = gl.where(bit, lo, hi)
+    keep = gl.where(bit, hi, lo)
+    return keep + _bfly(send, OFF)
+
+
+@gluon.jit
+def _halves(x, LAYOUT: gl.constexpr, HALF: gl.constexpr):
+    """(rows, 2k) -> its even and odd columns, (rows, k) each in HALF (register renamings only)."""
+    rows: gl.constexpr = x.shape[0]
+    cols: gl.constexpr = x.shape[1]
+    pairs = gl.convert_layout(gl.reshape(x, [rows, cols // 2, 2]), LAYOUT, assert_trivial=True)
+    even, odd = gl.split(pairs)
+    return gl.convert_layout(even, HALF, assert_trivial=True), gl.convert_layout(odd, HALF, assert_trivial=True)
+
+
+@gluon.jit
+def _lane_sum(x, L3S: gl.constexpr, SLOT: gl.constexpr, LPC: gl.constexpr, SPT: gl.constexpr):
+    """A (channels, dstate) tensor summed over the states each lane holds: (channels, LPC) in SLOT."""
+    part = gl.convert_layout(gl.reshape(x, [x.shape[0], LPC, SPT]), L3S, assert_trivial=True)
+    return gl.convert_layout(gl.sum(part, axis=2), SLOT, assert_trivial=True)
+
+
+@gluon.jit
+def _pick(q, col, i: gl.constexpr, neg_zero, LAYOUT: gl.constexpr):
+    """Column ``i`` of a (channels, 4) tensor whose lanes hold their channel's whole row, as (channels, 1)."""
+    v = gl.sum(gl.where(col == i, q, neg_zero), axis=1)
+    return gl.convert_layout(v, gl.SliceLayout(1, LAYOUT), assert_trivial=True)[:, None]
+
+
+@gluon.jit(do_not_specialize=["dim", "n_ckpt", "dim_per_group", "groups", "has_g_init", "softplus", "has_d", "has_bias"])
+def _scan_bwd_gluon(
+    dout_ptr,
+    u_ptr,
+    delta_ptr,
+    z_ptr,
+    A_ptr,
+    bc_ptr,
+    D_ptr,
+    bias_ptr,
+    ckpt_ptr,
+    g_init_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    dA_ptr,
+    dbc_ptr,
+    dD_ptr,
+    dbias_ptr,
+    g_final_ptr,
+    decay_ptr,
+    dim,
+    seqlen,
+    chunk_len,
+    n_ckpt,
+    dim_per_group,
+    groups,
+    has_g_init,
+    softplus,
+    has_d,
+    has_bias,
+    DSTATE: gl.constexpr,
+    W: gl.constexpr,
+    STEPS: gl.constexpr,
+    HAS_Z: gl.constexpr,
+    ADJOINT_ONLY: gl.constexpr,
+    BCT: gl.constexpr,
+    FAST: gl.constexpr,
+):
+    """The backward of mamba's discretisation for selective B and C, dstate 16, float32 compute.
+
+    One program: 8·W channels of one batch row over one chunk, walking it backwards a tile of
+    STEPS steps at a time; the checkpoints are the state before every STEPS-th step. The
+    arguments are those of ``triton_kernels._scan_bwd_kernel`` but for ``bc_ptr`` (B and C
+    packed as in the forward) and ``dbc_ptr``, the per-program sums of dB and dC over its
+    channels, (programs along dim, batch, seqlen, 2, DSTATE). Per tile:
+
+    * u, delta, dout, z are loaded one tile ahead, coalesced; dt (softplus), the gated dout
+      and ``dt u`` are staged in shared memory as (step, channel) quartets, which every lane
+      of the channel reads back with one vector load a step; B and C rows as in the forward;
+    * the tile's states are recomputed from its checkpoint into shared memory (each lane its
+      own 4 states: no barrier), with ``C h`` summed within the lane for dz;
+    * the adjoint walks back through the tile: per step the sums over states (``g B`` for du
+      and d dt, ``g h Abar A`` for d dt) stay within the lane and are reduced across the
+      channel's 4 lanes once a tile, through shared memory; the sums over channels (dB, dC)
+      are a transposed butterfly over the warp's 8 channels (3 shuffles: the lane's 8 values,
+      4 states of each matrix, become one (matrix, state) summed over the channels), then a
+      fixed-order sum over the program's warps once a tile. No atomics: repeated calls agree
+      bit for bit.
+
+    ADJOINT_ONLY: the first pass of a chunked backward (the adjoint through each chunk from
+    zero, and the product of Abar), as in the Triton kernel.
+    """
+    SPT: gl.constexpr = 4
+    LPC: gl.constexpr = 4
+    CPW: gl.constexpr = 8
+    gl.static_assert(DSTATE == SPT * LPC)
+    BLOCK_D: gl.constexpr = CPW * W
+    VEC: gl.constexpr = STEPS // LPC
+    ROW: gl.constexpr = 2 * DSTATE
+    LS: gl.constexpr = gl.BlockedLayout([1, SPT], [CPW, LPC], [W, 1], [1, 0])
+    L8: gl.constexpr = gl.BlockedLayout([1, SPT // 2], [CPW, LPC], [W, 1], [1, 0])
+    L1: gl.constexpr = gl.BlockedLayout([1, 1], [CPW, LPC], [W, 1], [1, 0])
+    P16: gl.constexpr = gl.BlockedLayout([1, SPT // 2, 2], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    P8: gl.constexpr = gl.BlockedLayout([1, 1, 2], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    LC: gl.constexpr = gl.BlockedLayout([1, VEC], [CPW, LPC], [W, 1], [1, 0])
+    LQ: gl.constexpr = gl.BlockedLayout([1, VEC, 2, 2], [CPW, LPC, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
+    LQ3: gl.constexpr = gl.BlockedLayout([1, VEC, 4], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    LX: gl.constexpr = gl.BlockedLayout([1, 4], [CPW, LPC], [W, 1], [1, 0])
+    L3S: gl.constexpr = gl.BlockedLayout([1, 1, SPT], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    L3Y: gl.constexpr = gl.BlockedLayout([1, 1, STEPS], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    L3R: gl.constexpr = gl.BlockedLayout([1, LPC, VEC], [CPW, 1, LPC], [W, 1, 1], [2, 1, 0])
+    # the per-warp dB, dC sums of a tile, (warp, channel slot, lane, step), summed over the warps
+    LW: gl.constexpr = gl.BlockedLayout([W, 1, 1, VEC], [1, CPW, LPC, 1], [1, 1, 1, W], [3, 2, 1, 0])
+    LG: gl.constexpr = gl.BlockedLayout([1, ROW // BCT], [32 // BCT, BCT], [W, 1], [1, 0])
+    SLOT: gl.constexpr = gl.SliceLayout(2, L3Y)
+    # a tile's states, (channel, state, step): each lane its SPT states of every step
+    LH: gl.constexpr = gl.BlockedLayout([1, SPT, STEPS], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+
+    pid_d = gl.program_id(0)
+    b = gl.program_id(1).to(gl.int64)
+    c = gl.program_id(2)
+    batch = gl.num_programs(1)
+
+    d_s = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LS))
+    n_s = gl.arange(0, DSTATE, layout=gl.SliceLayout(0, LS))
+    state_offs = d_s[:, None] * DSTATE + n_s[None, :]
+    d_c = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LC))
+    s_c = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LC))
+    col_x = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))[None, :]
+    s_h = gl.expand_dims(gl.expand_dims(gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(0, LH))), 0), 0)
+    s_y = gl.expand_dims(gl.expand_dims(gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3Y))), 0), 0)
+    r_g = gl.arange(0, STEPS, layout=gl.SliceLayout(1, LG))
+    q_g = gl.arange(0, ROW, layout=gl.SliceLayout(0, LG))
+    neg_zero = gl.full([BLOCK_D, 4], -2147483648, gl.int32, LX).to(gl.float32, bitcast=True)
+    true_c = d_c < dim  # all true: a program's channels lie within dim (the wrapper checks)
+    # the channel's place in its warp: bits 2, 1, 0 are lanes 16, 8, 4 apart
+    cw = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LS)) % CPW
+    bit2 = ((cw & 4) != 0)[:, None]
+    bit1 = gl.convert_layout((cw & 2) != 0, gl.SliceLayout(1, L8), assert_trivial=True)[:, None]
+    bit0 = gl.convert_layout((cw & 1) != 0, gl.SliceLayout(1, L1), assert_trivial=True)[:, None]
+
+    A2 = gl.load(A_ptr + state_offs).to(gl.float32) * LOG2E
+    bias = gl.load(bias_ptr + d_c, mask=true_c & (has_bias != 0), other=0.0).to(gl.float32)[:, None]
+    Dv = gl.load(D_ptr + d_c, mask=true_c & (has_d != 0), other=0.0).to(gl.float32)[:, None]
+    g_idx = (pid_d * BLOCK_D) // dim_per_group  # a program's channels share one group of B, C
+    bc_base = ((b * groups + g_idx) * seqlen) * ROW
+
+    chunk_state = ((c * batch + b) * dim) * DSTATE + state_offs
+    if ADJOINT_ONLY:
+        g = gl.zeros([BLOCK_D, DSTATE], gl.float32, LS)
+        prod = gl.full([BLOCK_D, DSTATE], 1.0, gl.float32, LS)
+    else:
+        g = gl.load(g_init_ptr + chunk_state, mask=(state_offs >= 0) & (has_g_init != 0), other=0.0).to(gl.float32)
+        dA = gl.zeros([BLOCK_D, DSTATE], gl.float32, LS)
+        dD = gl.zeros([BLOCK_D], gl.float32, gl.SliceLayout(1, LC))
+        dbias = gl.zeros([BLOCK_D], gl.float32, gl.SliceLayout(1, LC))
+
+    xs = gl.allocate_shared_memory(gl.float32, [STEPS, BLOCK_D * 4], PLAIN2)  # [step, channel and quartet]
+    xq = xs.reshape([STEPS * BLOCK_D, 4])  # [step and channel, quartet]
+    bcs = gl.allocate_shared_memory(gl.float32, [2 * STEPS, DSTATE], PLAIN2)  # [2 step + (B or C), n]
+    if not ADJOINT_ONLY:
+        hs = gl.allocate_shared_memory(gl.float32, [STEPS, BLOCK_D * DSTATE], PLAIN2)
+        hq = hs.reshape([STEPS * BLOCK_D, DSTATE])
+        ys = gl.allocate_shared_memory(gl.float32, [3, BLOCK_D, LPC, STEPS], PLAIN3)
+        ws = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], PLAIN3)
+
+    row1 = (b * dim + d_c) * seqlen
+    row = row1[:, None]
+    t_start = c * chunk_len
+    t_end = gl.minimum(seqlen, t_start + chunk_len)
+    n_tiles = gl.cdiv(t_end - t_start, STEPS)
+    t_last = t_start + (n_tiles - 1) * STEPS
+    tt = t_last + s_c[None, :]
+    mask = tt < t_end
+    d_next = gl.load(delta_ptr + row + tt, mask=mask, other=0.0)
+    g_next = gl.load(dout_ptr + row + tt, mask=mask, other=0.0)
+    u_next = gl.load(u_ptr + row + tt, mask=mask, other=0.0)
+    if HAS_Z:
+        z_next = gl.load(z_ptr + row + tt, mask=mask, other=0.0)
+    else:
+        z_next = d_next  # not read
+    tr = t_last + r_g[:, None]
+    bc_next = gl.load(bc_ptr + bc_base + tr * ROW + q_g[None, :], mask=tr < t_end, other=0.0)
+    if not ADJOINT_ONLY:
+        ck_next = gl.load(ckpt_ptr + ((b * n_ckpt + t_last // STEPS) * dim) * DSTATE + state_offs)
+    for jt in range(n_tiles):
+        t0 = t_last - jt * STEPS
+        d_cur, g_cur, u_cur, z_cur, bc_cur = d_next, g_next, u_next, z_next, bc_next
+        tt = t0 + s_c[None, :]
+        mask = tt < t_end
+        tn = tt - STEPS
+        mask_n = (tn >= t_start) & (tn < t_end)
+        d_next = gl.load(delta_ptr + row + tn, mask=mask_n, other=0.0)
+        g_next = gl.load(dout_ptr + row + tn, mask=mask_n, other=0.0)
+        u_next = gl.load(u_ptr + row + tn, mask=mask_n, other=0.0)
+        if HAS_Z:
+            z_next = gl.load(z_ptr + row + tn, mask=mask_n, other=0.0)
+        else:
+            z_next = d_next
+        tr = t0 - STEPS + r_g[:, None]
+        bc_next = gl.load(bc_ptr + bc_base + tr * ROW + q_g[None, :], mask=(tr >= t_start) & (tr < t_end), other=0.0)
+        if not ADJOINT_ONLY:
+            h = ck_next
+            ck_at = gl.maximum(t0 - STEPS, t_start) // STEPS
+            ck_next = gl.load(ckpt_ptr + ((b * n_ckpt + ck_at) * dim) * DSTATE + state_offs)
+
+        pre = d_cur.to(gl.float32) + bias
+        if softplus != 0:
+            dt = _softplus(pre, FAST)
+        else:
+            dt = pre
+        dt = gl.where(mask, dt, 0.0)  # a step past the end is a no-op: Abar = 1, no input
+        dy = g_cur.to(gl.float32)
+        u = u_cur.to(gl.float32)
+        if HAS_Z:
+            zz = z_cur.to(gl.float32)
+            sz = _sigmoid(zz, FAST)
+            dz_over_y = dy * sz * (1.0 + zz * (1.0 - sz))
+            dy = dy * zz * sz
+        # per (channel, step): dt, dt u, the gated dout, 0 (join adds a minor axis: [x, y] of
+        # join(join(dt, dy), join(dt u, 0)) is word 2 x + y); a lane's VEC steps are 4·VEC consecutive words
+        quad = gl.join(gl.join(dt, dy), gl.join(dt * u, gl.zeros_like(dt)))
+        quad = gl.convert_layout(quad, LQ, assert_trivial=True)
+        quad = gl.convert_layout(gl.reshape(quad, [BLOCK_D, STEPS, 4]), LQ3, assert_trivial=True)
+        xs.store(gl.reshape(gl.permute(quad, (1, 0, 2)), [STEPS, BLOCK_D * 4]))
+        bcs.reshape([STEPS, ROW]).store(bc_cur)
+        gl.thread_barrier()
+
+        if ADJOINT_ONLY:
+            for kb in gl.static_range(STEPS - 1, -1, -1):
+                q = xq.slice(kb * BLOCK_D, BLOCK_D).load(LX)
+                dt_k = _pick(q, col_x, 0, neg_zero, LS)
+                dy_k = _pick(q, col_x, 2, neg_zero, LS)
+                C_k = bcs.slice(2 * kb + 1, 1).load(LS)
+                abar = _ex2(dt_k * A2, FAST)
+                g = abar * (g + C_k * dy_k)
+                prod = prod * abar
+            gl.thread_barrier()  # the tile's shared memory is read before the next tile writes it
+        else:
+            # the tile's states from its checkpoint, gathered in registers and stored at once
+            # (one barrier): hs[k] holds the state before step k
+            states = gl.zeros([BLOCK_D, DSTATE, STEPS], gl.float32, LH)
+            if HAS_Z:
+                ypart = gl.zeros([BLOCK_D, LPC, STEPS], gl.float32, L3Y)
+            for k in gl.static_range(STEPS):
+                states = gl.where(s_h == k, gl.convert_layout(h, gl.SliceLayout(2, LH), assert_trivial=True)[:, :, None], states)
+                q = xq.slice(k * BLOCK_D, BLOCK_D).load(LX)
+                dt_k = _pick(q, col_x, 0, neg_zero, LS)
+                bu_k = _pick(q, col_x, 1, neg_zero, LS)
+                B_k = bcs.slice(2 * k, 1).load(LS)
+                h = _ex2(dt_k * A2, FAST) * h + bu_k * B_k
+                if HAS_Z:
+                    C_k = bcs.slice(2 * k + 1, 1).load(LS)
+                    ypart = gl.where(s_y == k, _lane_sum(C_k * h, L3S, SLOT, LPC, SPT)[:, :, None], ypart)
+            hs.store(gl.reshape(gl.permute(states, (2, 0, 1)), [STEPS, BLOCK_D * DSTATE]))
+            if HAS_Z:
+                ys.index(0).store(ypart)
+            # the adjoint, last step first; h is the state after step k
+            s1part = gl.zeros([BLOCK_D, LPC, STEPS], gl.float32, L3Y)
+            s2part = gl.zeros([BLOCK_D, LPC, STEPS], gl.float32, L3Y)
+            wpart = gl.zeros([BLOCK_D, LPC, STEPS], gl.float32, L3Y)
+            for kb in gl.static_range(STEPS - 1, -1, -1):
+                q = xq.slice(kb * BLOCK_D, BLOCK_D).load(LX)
+                dt_k = _pick(q, col_x, 0, neg_zero, LS)
+                dy_k = _pick(q, col_x, 2, neg_zero, LS)
+                bu_k = _pick(q, col_x, 1, neg_zero, LS)
+                B_k = bcs.slice(2 * kb, 1).load(LS)
+                C_k = bcs.slice(2 * kb + 1, 1).load(LS)
+                hp = hq.slice(kb * BLOCK_D, BLOCK_D).load(LS)
+                hdy = h * dy_k  # dC's terms
+                g = g + C_k * dy_k
+                gbu = g * bu_k  # dB's terms
+                s1part = gl.where(s_y == kb, _lane_sum(g * B_k, L3S, SLOT, LPC, SPT)[:, :, None], s1part)
+                abar = _ex2(dt_k * A2, FAST)
+                ga = g * hp * abar
+                dA += ga * dt_k
+                s2part = gl.where(s_y == kb, _lane_sum(ga * A2, L3S, SLOT, LPC, SPT)[:, :, None], s2part)
+                g = g * abar
+                h = hp
+                # dB, dC summed over the warp's channels: each lane ends with one (matrix, state)
+                w = _exchange(gbu, hdy, bit2, 16)
+                w_even, w_odd = _halves(w, P16, L8)
+                w = _exchange(w_even, w_odd, bit1, 8)
+                w_even, w_odd = _halves(w, P8, L1)
+                w = _exchange(w_even, w_odd, bit0, 4)
+                wpart = gl.where(s_y == kb, gl.convert_layout(w, SLOT, assert_trivial=True)[:, :, None], wpart)
+            ys.index(1).store(s1part)
+            ys.index(2).store(s2part)
+            ws.store(wpart)
+            gl.thread_barrier()
+
+            # dB, dC rows of the tile: the warps' sums added in a fixed order; lane (c, j) of a warp
+            # holds matrix c >> 2 (0: B, 1: C), state 4 j + (c >> 1 & 1) + 2 (c & 1)
+            wsum = gl.sum(ws.reshape([W, CPW, LPC, STEPS]).load(LW), axis=0)
+            L3W: gl.constexpr = gl.SliceLayout(0, LW)
+            cc = gl.arange(0, CPW, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3W)))[:, None, None]
+            jj = gl.arange(0, LPC, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3W)))[None, :, None]
+            ss = gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3W)))[None, None, :]
+            mat = cc >> 2
+            nn = 4 * jj + ((cc >> 1) & 1) + 2 * (cc & 1)
+            t_w = t0 + ss
+            dst = ((pid_d * batch + b) * seqlen + t_w) * ROW + mat * DSTATE + nn
+            gl.store(dbc_ptr + dst, wsum, mask=(t_w < t_end) & (mat >= 0) & (nn >= 0))
+
+            s1 = gl.convert_layout(gl.sum(ys.index(1).load(L3R), axis=1), LC, assert_trivial=True)
+            s2 = gl.convert_layout(gl.sum(ys.index(2).load(L3R), axis=1), LC, assert_trivial=True)
+            du = dt * s1 + Dv * dy
+            ddt = s2 * 0.6931471805599453 + u * s1  # s2 was summed with A log2(e)
+            if softplus != 0:
+                ddt = ddt * _sigmoid(pre, FAST)
+            ddt = gl.where(mask, ddt, 0.0)
+            dbias += gl.sum(ddt, axis=1)
+            dD += gl.sum(gl.where(mask, dy * u, 0.0), axis=1)
+            gl.store(du_ptr + row + tt, du.to(du_ptr.dtype.element_ty), mask=mask)
+            gl.store(ddelta_ptr + row + tt, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+            if HAS_Z:
+                y = gl.convert_layout(gl.sum(ys.index(0).load(L3R), axis=1), LC, assert_trivial=True)
+                dz = dz_over_y * (y + Dv * u)
+                gl.store(dz_ptr + row + tt, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    gl.store(g_final_ptr + chunk_state, g)
+    if ADJOINT_ONLY:
+        gl.store(decay_ptr + chunk_state, prod)
+    else:
+        gl.store(dA_ptr + chunk_state, dA)
+        per_channel = (c * batch + b) * dim + d_c
+        gl.store(dD_ptr + per_channel, dD, mask=true_c & (has_d != 0))
+        gl.store(dbias_ptr + per_channel, dbias, mask=true_c & (has_bias != 0))

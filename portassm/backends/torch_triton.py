@@ -56,6 +56,11 @@ _options: dict[str, Any] = {
     "gluon_warps": 2,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
     "gluon_steps": 16,  # tile length of the Gluon forward
     "bwd_maxnreg": None,  # register cap of the backward kernel
+    "bwd_kernel": "gluon",  # "gluon": the Gluon backward where it applies (CUDA tensors, mamba's discretisation,
+    # selective B and C, float32 compute, dstate 16 after padding); "triton": always the Triton backward
+    "gluon_bwd_warps": 4,  # warps per program of the Gluon backward (8 channels a warp; fewer where a group
+    # of B, C has fewer channels)
+    "gluon_bwd_maxnreg": None,  # register cap of the Gluon backward
     "direct_step": True,  # launch the compiled step kernel through its run, without Triton's binding
 }
 
@@ -68,14 +73,16 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``, ``direct_step``; unknown names are a TypeError."""
+    ``gluon_warps``, ``gluon_steps``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
+    ``gluon_bwd_maxnreg``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
     if options.get("kernels", "auto") not in ("auto", "triton", "torch"):
         raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {options['kernels']!r}")
-    if options.get("fwd_kernel", "triton") not in ("triton", "gluon"):
-        raise ValueError(f"fwd_kernel must be 'triton' or 'gluon', got {options['fwd_kernel']!r}")
+    for name in ("fwd_kernel", "bwd_kernel"):
+        if options.get(name, "triton") not in ("triton", "gluon"):
+            raise ValueError(f"{name} must be 'triton' or 'gluon', got {options[name]!r}")
     _options.update(options)
 
 
@@ -194,16 +201,17 @@ def _chunking(programs: int, warps: int, seqlen: int, ck: int, threshold: int, t
 
 
 def _layout(
-    batch: int, dim: int, seqlen: int, dim_per_group: int, device: torch.device, dstate: int = 16
+    batch: int, dim: int, seqlen: int, dim_per_group: int, device: torch.device, dstate: int = 16, ck: int | None = None
 ) -> dict[str, int]:
     """The forward's blocking and sequence chunks for one problem.
 
     ``steps=4``: a (BLOCK_D, 4) tile is one 16-byte vector a thread, so the compiler gives
     each thread one channel and its dstate states (32 channels a warp). ``steps=16``: 16
     bytes a lane cover 4 steps, 4 lanes a row, and the states of a channel spread over
-    dstate/4 lanes. A program's channels share one group of B, C.
+    dstate/4 lanes. A program's channels share one group of B, C. ``ck``: the checkpoint
+    interval (default: the ``ck`` option).
     """
-    ck = _options["ck"]
+    ck = ck or _options["ck"]
     steps = _options["steps"]
     if steps not in (4, 16):
         raise ValueError(f"steps must be 4 or 16, got {steps}")
@@ -313,7 +321,7 @@ def _fwd_flags(method, B_vary, C_vary, ct, on_gpu):
     }
 
 
-def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary, device):
+def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary, device, ck=None):
     """The Gluon forward's blocking and chunks, or None where it does not apply (the Triton forward runs).
 
     It serves selective B and C (packed together in float32) with float32 compute and a
@@ -330,7 +338,7 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
     lpc = dstate // spt
     warps = _options["gluon_warps"]
     block_d = (32 // lpc) * warps
-    steps, ck = _options["gluon_steps"], _options["ck"]
+    steps, ck = _options["gluon_steps"], ck or _options["ck"]
     if dim_per_group % block_d or steps % lpc or ck % steps or steps & (steps - 1):
         return None
     threshold = _options["min_warps"] or 8 * _n_sm(device)
@@ -344,6 +352,42 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
         "chunks": chunks,
         "chunk_len": chunk_len,
         "gluon": {"SPT": spt, "LPC": lpc, "W": warps, "STEPS": steps, "BCT": min(32, 2 * dstate // 4)},
+    }
+
+
+#: the Gluon backward's tile, which is also its checkpoint interval
+GLUON_BWD_STEPS = 16
+
+
+def _gluon_bwd_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary, method, device):
+    """The Gluon backward's blocking and chunks, or None where it does not apply (the Triton backward runs).
+
+    It serves mamba's discretisation with selective B and C, float32 compute and dstate 16
+    (after padding): 4 lanes a channel, 8 channels a warp, ``gluon_bwd_warps`` warps a program
+    (halved until a program's channels lie within one group, down to one warp); its
+    checkpoints are the state before every 16th step.
+    """
+    if _options["bwd_kernel"] != "gluon" or device.type != "cuda":
+        return None  # Gluon kernels run compiled only
+    if not (B_vary and C_vary) or ct != torch.float32 or dstate != 16 or method != "mamba":
+        return None
+    warps = _options["gluon_bwd_warps"]
+    while warps > 1 and dim_per_group % (8 * warps):
+        warps //= 2  # a program's channels must share one group of B and C
+    block_d = 8 * warps
+    if dim_per_group % block_d:
+        return None
+    ck = GLUON_BWD_STEPS
+    threshold = _options["bwd_min_warps"] or 16 * _n_sm(device)
+    chunks, chunk_len = _chunking(batch * (dim // block_d), warps, seqlen, ck, threshold, threshold)
+    return {
+        "block_d": block_d,
+        "warps": warps,
+        "ck": ck,
+        "steps": ck,
+        "d_blocks": dim // block_d,
+        "chunks": chunks,
+        "chunk_len": chunk_len,
     }
 
 
@@ -367,14 +411,21 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
     A = A.contiguous()
     B_vary, C_vary = B.ndim == 4, C.ndim == 4
     groups = B.shape[1] if B_vary else (C.shape[1] if C_vary else 1)
-    lay = _gluon_layout(batch, dim, seqlen, dim // groups, dstate, ct, B_vary, C_vary, u.device)
+    # with the Gluon backward to follow, checkpoints every GLUON_BWD_STEPS steps
+    gbwd = keep_ckpt and _gluon_bwd_layout(
+        batch, dim, seqlen, dim // groups, dstate, ct, B_vary, C_vary, method, u.device
+    ) is not None
+    ck = GLUON_BWD_STEPS if gbwd else None
+    lay = _gluon_layout(batch, dim, seqlen, dim // groups, dstate, ct, B_vary, C_vary, u.device, ck)
     if lay is None:
-        lay = _layout(batch, dim, seqlen, dim // groups, u.device, dstate)
+        lay = _layout(batch, dim, seqlen, dim // groups, u.device, dstate, ck)
     gluon = lay.get("gluon")
-    Bt = Ct = None
-    if gluon is None or keep_ckpt:  # the Triton kernels read B, C as (batch, groups, seqlen, dstate)
+    Bt = Ct = packed = None
+    if gluon is None or (keep_ckpt and not gbwd):  # the Triton kernels read B, C as (batch, groups, seqlen, dstate)
         Bt, _ = _bc_form(B)
         Ct, _ = _bc_form(C)
+    if gluon is not None or gbwd:  # the Gluon kernels read them packed
+        packed = _bc_packed(B, C)
     chunks, chunk_len = lay["chunks"], lay["chunk_len"]
     n_ckpt = _cdiv(seqlen, lay["ck"])
     out = torch.empty_like(u)
@@ -408,7 +459,7 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
             num_warps=lay["warps"],
             **gluon,
         )
-        bc = (_bc_packed(B, C),)
+        bc = (packed,)
     pointers = (
         u,
         delta,
@@ -443,7 +494,9 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
         STATE_ONLY=False,
         **common,
     )
-    saved = {"ckpt": ckpt, "layout": lay, "Bt": Bt, "Ct": Ct, "groups": groups} if keep_ckpt else None
+    saved = None
+    if keep_ckpt:
+        saved = {"ckpt": ckpt, "layout": lay, "Bt": Bt, "Ct": Ct, "groups": groups, "packed": packed if gbwd else None}
     return out, h_final[-1], saved
 
 
@@ -452,6 +505,8 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
+    if saved.get("packed") is not None:
+        return _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, method, saved)
     ckpt, Bt, Ct, groups = saved["ckpt"], saved["Bt"], saved["Ct"], saved["groups"]
     # the backward blocks channels and cuts the sequence its own way (checkpoints are global)
     lay = _bwd_layout(batch, dim, seqlen, dim // groups, u.device, dstate)
@@ -549,6 +604,99 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     )
 
 
+def _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, method, saved):
+    """The backward through the Gluon kernel (see ``gluon_kernels._scan_bwd_gluon``), from the
+    forward's checkpoints (every GLUON_BWD_STEPS steps) and its packed B, C."""
+    from . import gluon_kernels
+
+    k = _kernels()
+    ct = torch.float32
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    ckpt, packed, groups = saved["ckpt"], saved["packed"], saved["groups"]
+    lay = _gluon_bwd_layout(batch, dim, seqlen, dim // groups, dstate, ct, True, True, method, u.device)
+    if lay is None or saved["layout"]["ck"] != lay["ck"]:
+        raise ValueError("the backward's options changed between the forward and the backward")
+    chunks, chunk_len, d_blocks = lay["chunks"], lay["chunk_len"], lay["d_blocks"]
+    u, delta, dout = u.contiguous(), delta.contiguous(), dout.contiguous()
+    z = None if z is None else z.contiguous()
+    dev = u.device
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    per_state = lambda: torch.empty(chunks, batch, dim, dstate, dtype=ct, device=dev)
+    dA = per_state()
+    dbc = torch.empty(d_blocks, batch, seqlen, 2, dstate, dtype=ct, device=dev)
+    per_channel = torch.empty(2, chunks, batch, dim, dtype=ct, device=dev)  # dD, dbias
+    g_final = per_state()
+    dummy = _dummy(u, ct)
+    common = dict(DSTATE=dstate, W=lay["warps"], STEPS=lay["steps"], HAS_Z=z is not None, BCT=8, FAST=True)
+    common["num_warps"] = lay["warps"]
+    if _options["gluon_bwd_maxnreg"]:
+        common["maxnreg"] = _options["gluon_bwd_maxnreg"]
+    inputs = (
+        dout,
+        u,
+        delta,
+        z if z is not None else u,
+        A.contiguous(),
+        packed,
+        D if D is not None else A,
+        delta_bias if delta_bias is not None else A,
+        ckpt,
+    )
+    sizes = (dim, seqlen, chunk_len, ckpt.shape[1], dim // groups, groups)
+    flags = (int(bool(softplus)), int(D is not None), int(delta_bias is not None))
+    grid = (d_blocks, batch, chunks)
+
+    def launch(g_in, g_out, decay, has_g_in, adjoint_only):
+        gluon_kernels._scan_bwd_gluon[grid](
+            *inputs,
+            g_in,
+            du,
+            ddelta,
+            dz if dz is not None else du,
+            dA,
+            dbc,
+            per_channel[0],
+            per_channel[1],
+            g_out,
+            decay,
+            *sizes,
+            int(has_g_in),
+            *flags,
+            ADJOINT_ONLY=adjoint_only,
+            **common,
+        )
+
+    if chunks > 1:  # first pass: the adjoint leaving each chunk from zero, and its decay
+        S, P = per_state(), per_state()
+        launch(dummy, S, P, False, adjoint_only=True)
+        g_init = _chain_chunks(k, S, P, dlast_state, ct, lay, batch, dim, chunks, dstate, reverse=True)
+        has_g = True
+    else:
+        g_init = dlast_state.to(ct).contiguous() if dlast_state is not None else dummy
+        has_g = dlast_state is not None
+    launch(g_init, g_final, dummy, has_g, adjoint_only=False)
+
+    # (d_blocks, batch, seqlen, 2, dstate) -> per group, then (batch, groups, dstate, seqlen) each
+    per_group = dbc.view(groups, d_blocks // groups, batch, seqlen, 2, dstate).sum(1)
+    dB = per_group[..., 0, :].permute(1, 0, 3, 2).to(B.dtype).contiguous()
+    dC = per_group[..., 1, :].permute(1, 0, 3, 2).to(C.dtype).contiguous()
+    like = lambda g, x: None if x is None else g.to(x.dtype)
+    return (
+        du,
+        ddelta,
+        dA.sum(dim=(0, 1)).to(A.dtype),
+        dB,
+        dC,
+        None if D is None else per_channel[0].sum(dim=(0, 1)).to(D.dtype),
+        dz,
+        None if delta_bias is None else per_channel[1].sum(dim=(0, 1)).to(delta_bias.dtype),
+        like(g_final[0], initial_state),
+    )
+
+
 class _ScanFunction(torch.autograd.Function):
     """The Triton scan as an autograd node: forward keeps checkpoints, backward runs the Triton backward."""
 
@@ -556,15 +704,15 @@ class _ScanFunction(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, method):
         out, last, saved = _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, method, True)
         ctx.save_for_backward(
-            u, delta, A, B, C, D, z, delta_bias, initial_state, saved["ckpt"], saved["Bt"], saved["Ct"]
+            u, delta, A, B, C, D, z, delta_bias, initial_state, saved["ckpt"], saved["Bt"], saved["Ct"], saved["packed"]
         )
         ctx.layout, ctx.groups, ctx.softplus, ctx.method = saved["layout"], saved["groups"], softplus, method
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, Bt, Ct = ctx.saved_tensors
-        saved = {"ckpt": ckpt, "layout": ctx.layout, "Bt": Bt, "Ct": Ct, "groups": ctx.groups}
+        u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, Bt, Ct, packed = ctx.saved_tensors
+        saved = {"ckpt": ckpt, "layout": ctx.layout, "Bt": Bt, "Ct": Ct, "groups": ctx.groups, "packed": packed}
         if dout is None:
             dout = torch.zeros_like(u)
         grads = _triton_bwd(
