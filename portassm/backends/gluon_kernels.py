@@ -1,4 +1,4 @@
-"""The torch backend's forward written in Gluon: Triton's lower-level language with explicit layouts.
+"""The torch backend's forward and backward written in Gluon: Triton's lower-level language with explicit layouts.
 
 The forward of :mod:`portassm.backends.triton_kernels` spends most of its instructions off
 the recurrence: each step gathers its column of the (channels, steps) tile from the lanes
@@ -31,6 +31,10 @@ barriers are then within a warp.
 Gluon kernels run only on CUDA devices (the interpreter does not run them); the torch
 backend selects this forward with ``configure(fwd_kernel="gluon")`` for selective B and C
 in float32 compute, and falls back to the Triton forward for the other forms.
+
+The backward (``_scan_bwd_gluon``, below, ``configure(bwd_kernel="gluon")``) has the same
+state layout and staging, for mamba's discretisation with selective B and C and dstate 16;
+the Triton backward serves the other cases.
 """
 
 from __future__ import annotations

@@ -1,15 +1,17 @@
 """The torch backend: torch.Tensor arrays on any device.
 
 CUDA tensors run the Triton kernels of :mod:`portassm.backends.triton_kernels`, with the
-forward of :mod:`portassm.backends.gluon_kernels` (Gluon: explicit layouts and shared
-memory) where it applies (``fwd_kernel="gluon"``, the default); CPU tensors run a plain-torch loop over time (differentiable by torch autograd, float64
-capable). ``configure(kernels="triton")`` sends CPU tensors to the Triton kernels too,
+forward and the backward of :mod:`portassm.backends.gluon_kernels` (Gluon: explicit
+layouts and shared memory) where they apply (``fwd_kernel="gluon"`` and
+``bwd_kernel="gluon"``, the defaults); CPU tensors run a plain-torch loop over time
+(differentiable by torch autograd, float64 capable). ``configure(kernels="triton")`` sends CPU tensors to the Triton kernels too,
 which runs them under ``TRITON_INTERPRET=1`` (set before triton is first imported): that
 is how CI tests the kernels without a GPU.
 
 Autograd: :func:`scan_fwd` is itself differentiable. On the Triton path it applies
-:class:`_ScanFunction`, whose backward runs the Triton backward from the checkpoints the
-forward kept (the state every ``CK`` steps, never all states).
+:class:`_ScanFunction`, whose backward runs the Gluon or the Triton backward from the
+checkpoints the forward kept (the state every ``CK`` steps, never all states; every 16
+steps when the Gluon backward will run).
 """
 
 from __future__ import annotations
