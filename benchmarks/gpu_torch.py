@@ -423,21 +423,14 @@ def main():
     if args.only_precompile:
         return
     portassm.set_backend("torch")
-    if args.bwd:
-        text = "\n".join(bwd_compare(which, args.quick))
+    if args.bwd or args.gluon or args.gluon_variants:
+        if args.bwd:
+            lines, name = bwd_compare(which, args.quick), "torch_bwd.md"
+        else:
+            lines, name = gluon_compare(which if args.gluon else [], args.quick, args.gluon_variants), "torch_gluon.md"
         print()
-        print(text, flush=True)
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "torch_bwd.md"), "w") as f:
-                f.write(text + "\n")
-        return
-    if args.gluon or args.gluon_variants:
-        text = "\n".join(gluon_compare(which if args.gluon else [], args.quick, args.gluon_variants))
-        print()
-        print(text, flush=True)
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "torch_gluon.md"), "w") as f:
-                f.write(text + "\n")
+        print("\n".join(lines), flush=True)
+        write("\n".join(lines), name)
         return
     step = None if args.no_step else time_step(args.quick)
     if step:
@@ -454,9 +447,9 @@ def main():
         print(text.split("\n\n")[-1], flush=True)
 
 
-def write(text):
+def write(text, name="torch_table.md"):
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "torch_table.md"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             f.write(text + "\n")
 
 

@@ -99,6 +99,18 @@ def _phi1(x):
 
 
 @gluon.jit
+def _tile_dt(delta, bias, mask, softplus, FAST: gl.constexpr):
+    """A tile's delta + bias and its dt (softplus of it where ``softplus``); dt is 0 where ``mask``
+    is off: a step past the end is a no-op (Abar = 1, no input)."""
+    pre = delta.to(gl.float32) + bias
+    if softplus != 0:
+        dt = _softplus(pre, FAST)
+    else:
+        dt = pre
+    return pre, gl.where(mask, dt, 0.0)
+
+
+@gluon.jit
 def _prefetch_l2(ptrs, mask):
     addr = ptrs.to(gl.int64, bitcast=True)
     on = mask.to(gl.int32)
@@ -121,6 +133,31 @@ def _column(tile, sel, neg_zero, LAYOUT: gl.constexpr):
     """
     col = gl.sum(gl.where(sel, tile, neg_zero), axis=1)
     return gl.convert_layout(col, gl.SliceLayout(1, LAYOUT), assert_trivial=True)[:, None]
+
+
+@gluon.jit
+def _program(BLOCK_D: gl.constexpr, DSTATE: gl.constexpr, STEPS: gl.constexpr, ROW: gl.constexpr,
+             LS: gl.constexpr, LC: gl.constexpr, LG: gl.constexpr):
+    """A program's place (channel block, batch row as int64, chunk, batch) and its index vectors:
+    channels and state offsets in LS, channels and steps in LC, rows and columns of a B, C tile in LG."""
+    pid_d = gl.program_id(0)
+    b = gl.program_id(1).to(gl.int64)
+    c = gl.program_id(2)
+    d_s = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LS))
+    n_s = gl.arange(0, DSTATE, layout=gl.SliceLayout(0, LS))
+    state_offs = d_s[:, None] * DSTATE + n_s[None, :]
+    d_c = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LC))
+    s_c = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LC))
+    r_g = gl.arange(0, STEPS, layout=gl.SliceLayout(1, LG))
+    q_g = gl.arange(0, ROW, layout=gl.SliceLayout(0, LG))
+    return pid_d, b, c, gl.num_programs(1), d_s, state_offs, d_c, s_c, r_g, q_g
+
+
+@gluon.jit
+def _steps3(STEPS: gl.constexpr, L3: gl.constexpr):
+    """0 .. STEPS-1 along the last axis of a rank-3 layout, shape (1, 1, STEPS)."""
+    s = gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3)))
+    return gl.expand_dims(gl.expand_dims(s, 0), 0)
 
 
 @gluon.jit(
@@ -204,20 +241,9 @@ def _scan_fwd_gluon(
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
 
-    pid_d = gl.program_id(0)
-    b = gl.program_id(1).to(gl.int64)
-    c = gl.program_id(2)
-    batch = gl.num_programs(1)
-
-    d_s = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LS))
-    n_s = gl.arange(0, DSTATE, layout=gl.SliceLayout(0, LS))
-    state_offs = d_s[:, None] * DSTATE + n_s[None, :]
-    d_c = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LC))
-    s_c = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LC))
+    pid_d, b, c, batch, d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
     s_r = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LR))[None, :]
-    s_y = gl.expand_dims(gl.expand_dims(gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3Y))), 0), 0)
-    r_g = gl.arange(0, STEPS, layout=gl.SliceLayout(1, LG))
-    q_g = gl.arange(0, ROW, layout=gl.SliceLayout(0, LG))
+    s_y = _steps3(STEPS, L3Y)
     neg_zero = gl.full([BLOCK_D, STEPS], -2147483648, gl.int32, LR).to(gl.float32, bitcast=True)
     true_c = d_c < dim  # all true: a program's channels lie within dim (the wrapper checks)
 
@@ -272,12 +298,7 @@ def _scan_fwd_gluon(
             _prefetch_l2(u_ptr + ahead, rmask)
             if not STATE_ONLY:
                 _prefetch_l2(z_ptr + ahead, rmask & (use_z != 0))
-        pre = d_cur.to(gl.float32) + bias
-        if softplus != 0:
-            dt = _softplus(pre, FAST)
-        else:
-            dt = pre
-        dt = gl.where(mask, dt, 0.0)  # a step past the end is a no-op: Abar = 1, no input
+        pre, dt = _tile_dt(d_cur, bias, mask, softplus, FAST)
         u = u_cur.to(gl.float32)
         if STATE_ONLY and MODE != 2:
             dtsum += gl.sum(dt, axis=1)
@@ -488,21 +509,10 @@ def _scan_bwd_gluon(
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
 
-    pid_d = gl.program_id(0)
-    b = gl.program_id(1).to(gl.int64)
-    c = gl.program_id(2)
-    batch = gl.num_programs(1)
-
-    d_s = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LS))
-    n_s = gl.arange(0, DSTATE, layout=gl.SliceLayout(0, LS))
-    state_offs = d_s[:, None] * DSTATE + n_s[None, :]
-    d_c = pid_d * BLOCK_D + gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LC))
-    s_c = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LC))
+    pid_d, b, c, batch, d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
     col_x = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))[None, :]
-    s_h = gl.expand_dims(gl.expand_dims(gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(0, LH))), 0), 0)
-    s_y = gl.expand_dims(gl.expand_dims(gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3Y))), 0), 0)
-    r_g = gl.arange(0, STEPS, layout=gl.SliceLayout(1, LG))
-    q_g = gl.arange(0, ROW, layout=gl.SliceLayout(0, LG))
+    s_h = _steps3(STEPS, LH)
+    s_y = _steps3(STEPS, L3Y)
     neg_zero = gl.full([BLOCK_D, 4], -2147483648, gl.int32, LX).to(gl.float32, bitcast=True)
     true_c = d_c < dim  # all true: a program's channels lie within dim (the wrapper checks)
     # the channel's place in its warp: bits 2, 1, 0 are lanes 16, 8, 4 apart
@@ -576,12 +586,7 @@ def _scan_bwd_gluon(
             ck_at = gl.maximum(t0 - STEPS, t_start) // STEPS
             ck_next = gl.load(ckpt_ptr + ((b * n_ckpt + ck_at) * dim) * DSTATE + state_offs)
 
-        pre = d_cur.to(gl.float32) + bias
-        if softplus != 0:
-            dt = _softplus(pre, FAST)
-        else:
-            dt = pre
-        dt = gl.where(mask, dt, 0.0)  # a step past the end is a no-op: Abar = 1, no input
+        pre, dt = _tile_dt(d_cur, bias, mask, softplus, FAST)
         dy = g_cur.to(gl.float32)
         u = u_cur.to(gl.float32)
         if HAS_Z:

@@ -502,6 +502,19 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
     return out, h_final[-1], saved
 
 
+def _chunk_adjoints(launch, k, lay, dlast_state, ct, batch, dim, dstate, per_state, dummy):
+    """(the adjoint leaving each chunk, given): with several chunks, a first pass of the backward
+    (``launch(..., adjoint_only=True)``: each chunk's adjoint from zero and its decay) chained
+    from ``dlast_state``; with one, ``dlast_state`` itself."""
+    if lay["chunks"] > 1:
+        S, P = per_state(), per_state()
+        launch(dummy, S, P, False, adjoint_only=True)
+        return _chain_chunks(k, S, P, dlast_state, ct, lay, batch, dim, lay["chunks"], dstate, reverse=True), True
+    if dlast_state is None:
+        return dummy, False
+    return dlast_state.to(ct).contiguous(), True
+
+
 def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, method, saved):
     k = _kernels()
     ct = _compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -575,14 +588,7 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
             **common,
         )
 
-    if chunks > 1:  # first pass: the adjoint leaving each chunk from zero, and its decay
-        S, P = per_state(), per_state()
-        launch(dummy, S, P, False, adjoint_only=True)
-        g_init = _chain_chunks(k, S, P, dlast_state, ct, lay, batch, dim, chunks, dstate, reverse=True)
-        has_g = True
-    else:
-        g_init = dlast_state.to(ct).contiguous() if dlast_state is not None else dummy
-        has_g = dlast_state is not None
+    g_init, has_g = _chunk_adjoints(launch, k, lay, dlast_state, ct, batch, dim, dstate, per_state, dummy)
     launch(g_init, g_final, dummy, has_g, adjoint_only=False)
 
     def bc_grad(part, vary, M):
@@ -671,14 +677,7 @@ def _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus,
             **common,
         )
 
-    if chunks > 1:  # first pass: the adjoint leaving each chunk from zero, and its decay
-        S, P = per_state(), per_state()
-        launch(dummy, S, P, False, adjoint_only=True)
-        g_init = _chain_chunks(k, S, P, dlast_state, ct, lay, batch, dim, chunks, dstate, reverse=True)
-        has_g = True
-    else:
-        g_init = dlast_state.to(ct).contiguous() if dlast_state is not None else dummy
-        has_g = dlast_state is not None
+    g_init, has_g = _chunk_adjoints(launch, k, lay, dlast_state, ct, batch, dim, dstate, per_state, dummy)
     launch(g_init, g_final, dummy, has_g, adjoint_only=False)
 
     # (d_blocks, batch, seqlen, 2, dstate) -> per group, then (batch, groups, dstate, seqlen) each
