@@ -465,11 +465,12 @@ def _scan_bwd_gluon(
     packed as in the forward) and ``dbc_ptr``, the per-program sums of dB and dC over its
     channels, (programs along dim, batch, seqlen, 2, DSTATE). Per tile:
 
-    * u, delta, dout, z are loaded one tile ahead, coalesced; dt (softplus), the gated dout
-      and ``dt u`` are staged in shared memory as (step, channel) quartets, which every lane
+    * u, delta, dout, z are loaded one tile ahead, coalesced; dt (softplus), ``dt u`` and the
+      gated dout are staged in shared memory as (step, channel) quartets, which every lane
       of the channel reads back with one vector load a step; B and C rows as in the forward;
-    * the tile's states are recomputed from its checkpoint into shared memory (each lane its
-      own 4 states: no barrier), with ``C h`` summed within the lane for dz;
+    * the tile's states are recomputed from its checkpoint, gathered in registers and written
+      to shared memory in one store (stored step by step, Gluon's barrier analysis would put
+      a barrier before each store), with ``C h`` summed within the lane for dz;
     * the adjoint walks back through the tile: per step the sums over states (``g B`` for du
       and d dt, ``g h Abar A`` for d dt) stay within the lane and are reduced across the
       channel's 4 lanes once a tile, through shared memory; the sums over channels (dB, dC)
