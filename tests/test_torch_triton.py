@@ -117,6 +117,30 @@ def test_asarray_and_to_numpy_round_trip(torch_backend, rng):
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError, match="known"):
         torch_triton.configure(colour="blue")
+    with pytest.raises(ValueError, match="bwd_kernel"):
+        torch_triton.configure(bwd_kernel="cuda")
+
+
+def test_gluon_backward_selection(torch_backend, monkeypatch):
+    """Where the Gluon backward applies, and its programs: 4 warps (32 channels), halved while a
+    group of B, C has fewer channels; the Triton backward everywhere else (no GPU needed)."""
+    monkeypatch.setattr(torch_triton, "_n_sm", lambda device: 132)
+    cuda, f32 = torch.device("cuda"), torch.float32
+
+    def layout(dim_per_group=1536, dstate=16, ct=f32, vary=(True, True), method="mamba", device=cuda):
+        return torch_triton._gluon_bwd_layout(8, 1536, 2048, dim_per_group, dstate, ct, *vary, method, device)
+
+    lay = layout()
+    assert (lay["warps"], lay["block_d"], lay["d_blocks"], lay["ck"], lay["chunks"]) == (4, 32, 48, 16, 2)
+    assert [layout(dim_per_group=n)["warps"] for n in (32, 16, 8)] == [4, 2, 1]
+    assert layout(dim_per_group=4) is None
+    for kw in ({"dstate": 32}, {"ct": torch.float64}, {"vary": (True, False)}, {"method": "zoh"}):
+        assert layout(**kw) is None, kw
+    assert layout(device=torch.device("cpu")) is None  # Gluon kernels run compiled only
+    torch_triton.configure(bwd_kernel="triton")
+    assert layout() is None
+    torch_triton.configure(bwd_kernel="gluon", gluon_bwd_warps=2, bwd_min_warps=1)
+    assert (layout()["warps"], layout()["chunks"]) == (2, 1)
 
 
 # ---------------------------------------------------------------------------------------
