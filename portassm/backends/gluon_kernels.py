@@ -241,7 +241,7 @@ def _scan_fwd_gluon(
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
 
-    pid_d, b, c, batch, d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
+    pid_d, b, c, batch, _d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
     s_r = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LR))[None, :]
     s_y = _steps3(STEPS, L3Y)
     neg_zero = gl.full([BLOCK_D, STEPS], -2147483648, gl.int32, LR).to(gl.float32, bitcast=True)
@@ -298,7 +298,7 @@ def _scan_fwd_gluon(
             _prefetch_l2(u_ptr + ahead, rmask)
             if not STATE_ONLY:
                 _prefetch_l2(z_ptr + ahead, rmask & (use_z != 0))
-        pre, dt = _tile_dt(d_cur, bias, mask, softplus, FAST)
+        _pre, dt = _tile_dt(d_cur, bias, mask, softplus, FAST)
         u = u_cur.to(gl.float32)
         if STATE_ONLY and MODE != 2:
             dtsum += gl.sum(dt, axis=1)
@@ -510,7 +510,7 @@ def _scan_bwd_gluon(
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
 
-    pid_d, b, c, batch, d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
+    pid_d, b, c, batch, _d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
     col_x = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))[None, :]
     s_h = _steps3(STEPS, LH)
     s_y = _steps3(STEPS, L3Y)

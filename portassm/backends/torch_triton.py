@@ -638,8 +638,10 @@ def _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus,
     per_channel = torch.empty(2, chunks, batch, dim, dtype=ct, device=dev)  # dD, dbias
     g_final = per_state()
     dummy = _dummy(u, ct)
-    common = dict(DSTATE=dstate, W=lay["warps"], STEPS=lay["steps"], HAS_Z=z is not None, BCT=8, FAST=True)
-    common["num_warps"] = lay["warps"]
+    common = {
+        "DSTATE": dstate, "W": lay["warps"], "STEPS": lay["steps"], "HAS_Z": z is not None, "BCT": 8, "FAST": True,
+        "num_warps": lay["warps"],
+    }
     if _options["gluon_bwd_maxnreg"]:
         common["maxnreg"] = _options["gluon_bwd_maxnreg"]
     inputs = (
