@@ -4,9 +4,9 @@ CUDA tensors run the Triton kernels of :mod:`portassm.backends.triton_kernels`, 
 forward and the backward of :mod:`portassm.backends.gluon_kernels` (Gluon: explicit
 layouts and shared memory) where they apply (``fwd_kernel="gluon"`` and
 ``bwd_kernel="gluon"``, the defaults); CPU tensors run a plain-torch loop over time
-(differentiable by torch autograd, float64 capable). ``configure(kernels="triton")`` sends CPU tensors to the Triton kernels too,
-which runs them under ``TRITON_INTERPRET=1`` (set before triton is first imported): that
-is how CI tests the kernels without a GPU.
+(differentiable by torch autograd, float64 capable). ``configure(kernels="triton")``
+sends CPU tensors to the Triton kernels too, which runs them under ``TRITON_INTERPRET=1``
+(set before triton is first imported): that is how CI tests the kernels without a GPU.
 
 Autograd: :func:`scan_fwd` is itself differentiable. On the Triton path it applies
 :class:`_ScanFunction`, whose backward runs the Gluon or the Triton backward from the
@@ -701,7 +701,7 @@ def _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus,
 
 
 class _ScanFunction(torch.autograd.Function):
-    """The Triton scan as an autograd node: forward keeps checkpoints, backward runs the Triton backward."""
+    """The Triton scan as an autograd node: forward keeps checkpoints, backward runs the Gluon or the Triton backward."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, method):
