@@ -1,14 +1,16 @@
-"""Compile the torch backend's forward kernels for sm_90 on the CPU and count the SASS of their loop.
+"""Compile the torch backend's Gluon and Triton kernels for sm_90 on the CPU and count the SASS of their loop.
 
 No GPU needed: Triton compiles for an explicit target (``GPUTarget("cuda", 90, 32)``) with the
 ``ptxas`` and ``nvdisasm`` its wheel ships. Use the Triton of the GPU machine (3.6) for
 figures that match it, e.g. ``pip install --target /tmp/tr36 triton==3.6.0`` then
 ``PYTHONPATH=/tmp/tr36 python scripts/sass_torch.py gluon``.
 
-    python scripts/sass_torch.py {gluon,triton} [--bf16] [--set NAME=VALUE ...] [--out DIR]
+    python scripts/sass_torch.py {gluon,gluon_bwd,triton} [--bf16] [--set NAME=VALUE ...] [--maxnreg N] [--out DIR]
 
-Prints registers, spills and shared memory, and the instructions of the main loop by opcode
-(one loop iteration is one tile of ``STEPS`` steps); writes the PTX, TTGIR and SASS to DIR.
+``gluon``: the Gluon forward; ``gluon_bwd``: the Gluon backward (e.g. ``--set W=4``,
+``--set ADJOINT_ONLY=True``); ``triton``: the Triton forward. Prints registers, spills and
+shared memory, and the instructions of the main loop by opcode (one loop iteration is one
+tile of ``STEPS`` steps); writes the PTX, TTGIR and SASS to DIR.
 """
 
 from __future__ import annotations
