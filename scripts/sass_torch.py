@@ -129,7 +129,7 @@ def main():
         check=True,
     ).stdout
     loop = opcodes(main_loop(sass.stdout))
-    print(f"triton {triton.__version__}, {args.kernel} forward, {consts}")
+    print(f"triton {triton.__version__}, {args.kernel}, {consts}")
     print(
         " ".join(re.findall(r"(REG:\d+|STACK:\d+|SHARED:\d+)", usage)),
         f"(shared by Triton: {compiled.metadata.shared} B)",
