@@ -154,6 +154,17 @@ def _program(BLOCK_D: gl.constexpr, DSTATE: gl.constexpr, STEPS: gl.constexpr, R
 
 
 @gluon.jit
+def _channel_params(bias_ptr, D_ptr, d_c, dim, has_bias, has_d):
+    """(channels in range, delta_bias, D) of a program's channels ``d_c``, the last two as
+    (channels, 1) columns (zero where absent). The mask is all true: a program's channels lie
+    within dim (the wrapper checks); it carries the layout of ``d_c``."""
+    true_c = d_c < dim
+    bias = gl.load(bias_ptr + d_c, mask=true_c & (has_bias != 0), other=0.0).to(gl.float32)[:, None]
+    Dv = gl.load(D_ptr + d_c, mask=true_c & (has_d != 0), other=0.0).to(gl.float32)[:, None]
+    return true_c, bias, Dv
+
+
+@gluon.jit
 def _steps3(STEPS: gl.constexpr, L3: gl.constexpr):
     """0 .. STEPS-1 along the last axis of a rank-3 layout, shape (1, 1, STEPS)."""
     s = gl.arange(0, STEPS, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3)))
@@ -245,11 +256,9 @@ def _scan_fwd_gluon(
     s_r = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LR))[None, :]
     s_y = _steps3(STEPS, L3Y)
     neg_zero = gl.full([BLOCK_D, STEPS], -2147483648, gl.int32, LR).to(gl.float32, bitcast=True)
-    true_c = d_c < dim  # all true: a program's channels lie within dim (the wrapper checks)
 
     A = gl.load(A_ptr + state_offs).to(gl.float32)
-    bias = gl.load(bias_ptr + d_c, mask=true_c & (has_bias != 0), other=0.0).to(gl.float32)[:, None]
-    Dv = gl.load(D_ptr + d_c, mask=true_c & (has_d != 0), other=0.0).to(gl.float32)[:, None]
+    _true_c, bias, Dv = _channel_params(bias_ptr, D_ptr, d_c, dim, has_bias, has_d)
     g = (pid_d * BLOCK_D) // dim_per_group  # a program's channels share one group of B, C
     bc_base = ((b * groups + g) * seqlen) * ROW
 
@@ -515,7 +524,6 @@ def _scan_bwd_gluon(
     s_h = _steps3(STEPS, LH)
     s_y = _steps3(STEPS, L3Y)
     neg_zero = gl.full([BLOCK_D, 4], -2147483648, gl.int32, LX).to(gl.float32, bitcast=True)
-    true_c = d_c < dim  # all true: a program's channels lie within dim (the wrapper checks)
     # the channel's place in its warp: bits 2, 1, 0 are lanes 16, 8, 4 apart
     cw = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(1, LS)) % CPW
     bit2 = ((cw & 4) != 0)[:, None]
@@ -523,8 +531,7 @@ def _scan_bwd_gluon(
     bit0 = gl.convert_layout((cw & 1) != 0, gl.SliceLayout(1, L1), assert_trivial=True)[:, None]
 
     A2 = gl.load(A_ptr + state_offs).to(gl.float32) * LOG2E
-    bias = gl.load(bias_ptr + d_c, mask=true_c & (has_bias != 0), other=0.0).to(gl.float32)[:, None]
-    Dv = gl.load(D_ptr + d_c, mask=true_c & (has_d != 0), other=0.0).to(gl.float32)[:, None]
+    true_c, bias, Dv = _channel_params(bias_ptr, D_ptr, d_c, dim, has_bias, has_d)
     g_idx = (pid_d * BLOCK_D) // dim_per_group  # a program's channels share one group of B, C
     bc_base = ((b * groups + g_idx) * seqlen) * ROW
 

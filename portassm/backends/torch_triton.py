@@ -502,6 +502,22 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
     return out, h_final[-1], saved
 
 
+def _group_sum(part: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-program partial sums (programs along dim, ...) summed over each group's programs, in a
+    fixed order: (groups, ...)."""
+    return part.view(groups, part.shape[0] // groups, *part.shape[1:]).sum(1)
+
+
+def _bc_from_rows(rows: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """A selective B or C gradient from its (groups, batch, seqlen, dstate) rows: (batch, groups, dstate, seqlen)."""
+    return rows.permute(1, 0, 3, 2).to(M.dtype).contiguous()
+
+
+def _like(grad: torch.Tensor, arg: torch.Tensor | None) -> torch.Tensor | None:
+    """``grad`` in the dtype of its argument, or None for an absent argument."""
+    return None if arg is None else grad.to(arg.dtype)
+
+
 def _chunk_adjoints(launch, k, lay, dlast_state, ct, batch, dim, dstate, per_state, dummy):
     """(the adjoint leaving each chunk, given): with several chunks, a first pass of the backward
     (``launch(..., adjoint_only=True)``: each chunk's adjoint from zero and its decay) chained
@@ -594,11 +610,8 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     def bc_grad(part, vary, M):
         if not vary:
             return part.sum(dim=(0, 1)).to(M.dtype)
-        # (d_blocks, batch, seqlen, dstate) -> (batch, groups, dstate, seqlen), summing a group's blocks
-        per_group = part.view(groups, d_blocks // groups, batch, seqlen, dstate).sum(1)
-        return per_group.permute(1, 0, 3, 2).to(M.dtype).contiguous()
+        return _bc_from_rows(_group_sum(part, groups), M)
 
-    like = lambda g, x: None if x is None else g.to(x.dtype)
     return (
         du,
         ddelta,
@@ -608,7 +621,7 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
         None if D is None else dD.sum(dim=(0, 1)).to(D.dtype),
         dz,
         None if delta_bias is None else dbias.sum(dim=(0, 1)).to(delta_bias.dtype),
-        like(g_final[0], initial_state),
+        _like(g_final[0], initial_state),
     )
 
 
@@ -682,21 +695,17 @@ def _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus,
     g_init, has_g = _chunk_adjoints(launch, k, lay, dlast_state, ct, batch, dim, dstate, per_state, dummy)
     launch(g_init, g_final, dummy, has_g, adjoint_only=False)
 
-    # (d_blocks, batch, seqlen, 2, dstate) -> per group, then (batch, groups, dstate, seqlen) each
-    per_group = dbc.view(groups, d_blocks // groups, batch, seqlen, 2, dstate).sum(1)
-    dB = per_group[..., 0, :].permute(1, 0, 3, 2).to(B.dtype).contiguous()
-    dC = per_group[..., 1, :].permute(1, 0, 3, 2).to(C.dtype).contiguous()
-    like = lambda g, x: None if x is None else g.to(x.dtype)
+    per_group = _group_sum(dbc, groups)  # (groups, batch, seqlen, 2, dstate)
     return (
         du,
         ddelta,
         dA.sum(dim=(0, 1)).to(A.dtype),
-        dB,
-        dC,
+        _bc_from_rows(per_group[..., 0, :], B),
+        _bc_from_rows(per_group[..., 1, :], C),
         None if D is None else per_channel[0].sum(dim=(0, 1)).to(D.dtype),
         dz,
         None if delta_bias is None else per_channel[1].sum(dim=(0, 1)).to(delta_bias.dtype),
-        like(g_final[0], initial_state),
+        _like(g_final[0], initial_state),
     )
 
 
