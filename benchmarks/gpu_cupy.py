@@ -51,6 +51,8 @@ VARIANTS = (
     ("fwd one state per lane (LS_PAIR=0)", {}, ("LS_PAIR=0",)),
     ("fwd two states per lane, 4 warps a block, 6 blocks/SM", {}, ("LP_WARPS=4", "LP_MIN_BLOCKS=6")),
     ("bwd one state per lane (BW_PAIR=0)", {}, ("BW_PAIR=0",)),
+    ("bwd two states per lane (BW_QUAD=0)", {}, ("BW_QUAD=0",)),
+    ("bwd four states per lane, 2 blocks/SM", {}, ("BQ_MIN_BLOCKS=2",)),
     ("bwd two states per lane, 2 blocks/SM (128 registers)", {}, ("BP_MIN_BLOCKS=2",)),
 )
 
@@ -309,7 +311,7 @@ def step_host_parts(cp, cupy_cuda, kernel_args, n=3000):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", action="store_true", help="also time the compile-time variants")
-    parser.add_argument("--only", default="", help="with --variants: only the variants whose label contains this")
+    parser.add_argument("--only", default="", help="with --variants: only the variants whose label contains this (several: a|b)")
     parser.add_argument("--sizes", default="all", help="'all' or a comma list of indices into the size table")
     parser.add_argument("--no-step", action="store_true", help="leave out the decoding step")
     args = parser.parse_args()
@@ -320,7 +322,8 @@ def main() -> int:
     import portassm
     from portassm.backends import cupy_cuda
 
-    variants = (("default", {}, ()), *(v for v in VARIANTS if args.variants and args.only in v[0]))
+    only = args.only.split("|")
+    variants = (("default", {}, ()), *(v for v in VARIANTS if args.variants and any(o in v[0] for o in only)))
     precompile([d for _, _, d in variants])
     portassm.set_backend("cupy")
     dev = cp.cuda.Device()

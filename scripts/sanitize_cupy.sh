@@ -4,7 +4,8 @@
 # (whole and chunked, recomputing or reusing checkpoints), the chunk combine, the
 # decoding step (allocating, and in place); both layouts (one state per lane: dstate <= 32; split:
 # dstate 33), shared-memory B/C tiles (one and two groups per block) and direct reads
-# (many groups), time-invariant B/C, float32, float64 and bfloat16.
+# (many groups), time-invariant B/C, float32, float64 and bfloat16; the backward with
+# four states per lane (mamba, B and C selective) and, forced, with two.
 # Run on the GPU machine, from the repository root:  bash scripts/sanitize_cupy.sh
 # Exit status: non-zero when either tool reports an error.
 set -u
@@ -50,11 +51,12 @@ for layout, chunks in ((None, (None, 32)), ("split", (32,))):
     run(2, 64, 45, 16, (64, 16), "float32", chunk)                 # time-invariant B, C
     run(2, 64, 70, 16, (2, 2, 16, 70), "float32", chunk, "zoh")    # one-state-per-lane backward, 2 groups
     run(2, 64, 72, 16, (2, 1, 16, 72), "float32", chunk)           # 16-byte B/C loads (seqlen % 4 == 0)
+    run(2, 64, 70, 13, (2, 2, 13, 70), "float32", chunk)           # four states a lane backward: dstate 13, 2 groups
     run(2, 40, 70, 24, (2, 1, 24, 70), "float32", chunk)           # 32 lanes per channel
     run(2, 40, 70, 5, (2, 5, 70), "float32", chunk, "bilinear")    # dstate 5: lanes 5-7 and every second state unused
 # the one-state-per-lane forward in place of the two-states-per-lane one (blocks inside
 # one group, across two and three)
-for defines in (("LS_PAIR=0",),):
+for defines in (("LS_PAIR=0", "BW_QUAD=0"),):
     cupy_cuda._defines = defines
     cupy_cuda.configure(layout="lanes")
     for chunk in (None, 32):

@@ -256,6 +256,70 @@ def test_scan_with_vjp_agrees_with_the_oracle(cupy_backend, rng, chunk):
 
 
 @gpu
+@pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
+@pytest.mark.parametrize(
+    "dstate, seqlen, options, softplus, form",
+    [(16, 1000, True, True, "grouped"), (13, 7, True, False, "selective"), (4, 150, False, True, "selective"),
+     (16, 33, False, False, "grouped")],
+)
+def test_quad_backward_agrees_with_the_oracle(cupy_backend, rng, chunk, dstate, seqlen, options, softplus, form):
+    """The four-states-per-lane backward (mamba, B and C selective): every gradient against the
+    float64 oracle with and without the options, softplus, a last-state gradient and chunks,
+    dstate 16, 13 and 4 (states past dstate carry zeros), odd lengths (partial tiles); it
+    must be the kernel that ran."""
+    cp = cupy_cuda._cupy()
+    cupy_cuda.configure(chunk=chunk)
+    case = make_case(rng, batch=2, dim=64, seqlen=seqlen, dstate=dstate, form=form, groups=2, options=options,
+                     softplus=softplus).astype("float32")
+    args = case.kwargs(cp.asarray)
+    kernel_args = {k: args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")}
+    for name in ("B", "C"):  # the backend's form: (batch, groups, dstate, seqlen)
+        kernel_args[name] = kernel_args[name][:, None] if kernel_args[name].ndim == 3 else kernel_args[name]
+    probe = cupy_cuda._Scan(*kernel_args.values(), "mamba")
+    assert probe.bw_quad and probe.part_cpb == 32
+    dout = rng.standard_normal(case.u.shape).astype(np.float32)
+    dlast = rng.standard_normal((2, 64, dstate)).astype(np.float32)
+    for residuals in (False, True):
+        if residuals:
+            _, vjp = portassm.scan_with_vjp(**args)
+            grads = vjp(cp.asarray(dout), cp.asarray(dlast))
+        else:
+            grads = portassm.scan_vjp(cp.asarray(dout), **args, dlast_state=cp.asarray(dlast))
+        refs = oracle_grads(case, dout, dlast)
+        for name, got, ref in zip(case.ARRAYS, grads, refs):
+            if ref is not None:
+                assert rel_err(cp.asnumpy(got), ref) <= TOLERANCE["float32"], (name, residuals)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quad_backward_matches_the_pair_backward(cupy_backend, rng, dtype):
+    """Four states per lane against two (BW_QUAD=0) on the same inputs, float32 and bfloat16
+    u, delta, z, B, C (torch CUDA tensors through DLPack): the same gradients up to float32
+    rounding (and one bfloat16 rounding of du, d delta, dz)."""
+    torch = _torch_cuda()
+    case = make_case(rng, batch=2, dim=128, seqlen=300, dstate=16, form="grouped", groups=4)
+    big = {"u", "delta", "z", "B", "C"}
+    tensors = {
+        name: torch.from_numpy(a).cuda().to(getattr(torch, dtype) if name in big else torch.float32)
+        for name, a in case.arrays().items()
+    }
+    dout = torch.randn(case.u.shape, device="cuda").to(getattr(torch, dtype))
+    try:
+        quad = portassm.scan_vjp(dout, **tensors, delta_softplus=True)
+    except TypeError as exc:
+        assert dtype == "bfloat16" and "bfloat16" in str(exc)
+        pytest.skip(f"CuPy cannot hold bfloat16 here: {exc}")
+    cupy_cuda._defines = ("BW_QUAD=0",)
+    pair = portassm.scan_vjp(dout, **tensors, delta_softplus=True)
+    for name, a, b in zip(case.ARRAYS, quad, pair):
+        a64 = torch.from_dlpack(a).double().cpu().numpy()
+        b64 = torch.from_dlpack(b).double().cpu().numpy()
+        limit = 1e-2 if dtype == "bfloat16" and name in ("u", "delta", "z") else 1e-5
+        assert rel_err(a64, b64) <= limit, name
+
+
+@gpu
 def test_dstate_limit_on_the_device(cupy_backend, rng):
     case = make_case(rng, dstate=cupy_cuda.MAX_DSTATE + 1)
     with pytest.raises(ValueError, match="numba or torch"):

@@ -61,6 +61,7 @@ _MAX_SMEM = 227 * 1024  # a block's shared memory on sm_90, after opting in
 _options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None}
 LAYOUTS = ("lanes", "split", "lanes-bwd")
 BW_PAIR = 1  # the backward's full pass with two states per lane (scan_bwd_pair_kernel) where it applies; 0: one
+BW_QUAD = 1  # ... with four states per lane (scan_bwd_quad_kernel) where it applies (mamba, B and C selective); 0: two
 LANES = (16, 32)  # lanes per channel of the one-state-per-lane kernels: dstate <= 16, <= 32
 #: extra preprocessor definitions for the .cu sources (the benchmark's layout variants)
 _defines: tuple[str, ...] = ()
@@ -100,6 +101,8 @@ def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc:
                 names.append(f"scan_bwd_lanes_kernel<{storage},{compute},{nl},{disc}>")
                 names.append(f"scan_fwd_pair_kernel<{storage},{compute},{disc}>")
                 names.append(f"scan_bwd_pair_kernel<{storage},{compute},{disc}>")
+                if disc == _DISC["mamba"]:
+                    names.append(f"scan_bwd_quad_kernel<{storage},{compute}>")
         return names
     return [f"scan_step_kernel<{storage},{compute},{disc}>"]
 
@@ -394,8 +397,20 @@ class _Scan:
             and _define_int("BW_PAIR", BW_PAIR) != 0
             and ((gb is None and gc is None) or (self.dim // self.groups) % self.bp_cpb == 0)
         )
+        # or with four states per lane (4 lanes a channel, 8 channels a warp): mamba's
+        # discretisation with B and C both selective, blocks of bq_cpb channels in one group
+        self.bq_warps = _define_int("BQ_WARPS", 4)
+        self.bq_cpb = 8 * self.bq_warps
+        self.bw_quad = (
+            self.bw_pair
+            and _define_int("BW_QUAD", BW_QUAD) != 0
+            and self.disc == _DISC["mamba"]
+            and gb is not None
+            and gc is not None
+            and (self.dim // self.groups) % self.bq_cpb == 0
+        )
         # channels a block of the backward's full pass: the rows of its dB, dC partial sums
-        self.part_cpb = self.bp_cpb if self.bw_pair else self.bw_cpb
+        self.part_cpb = self.bq_cpb if self.bw_quad else self.bp_cpb if self.bw_pair else self.bw_cpb
         if chunk_len is None:
             self.chunk_len, self.K = self._chunking(u)
         else:  # the chunks of the forward whose checkpoints the backward reuses
@@ -479,6 +494,12 @@ class _Scan:
         """Dynamic shared memory of the two-states-per-lane backward: 16 steps of two states a lane."""
         return self.bp_cpb * 8 * 16 * 2 * 4
 
+    @property
+    def smem_quad(self) -> int:
+        """Dynamic shared memory of the four-states-per-lane backward: a warp's 16 steps of 4 states a lane,
+        and two rows of 16 per-step sums (padded to 20 words) a lane."""
+        return self.bq_warps * (16 * 32 * 4 + 2 * 32 * 20) * 4
+
     def forward(self, out, h0, h0_chunks, hend, pend, ckpt, nck=0, K=None):
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
@@ -549,12 +570,16 @@ class _Scan:
         g = grads or {}
         if self.bw_lanes:
             pair = self.bw_pair and grads is not None  # the chunk pass has one state per lane
-            cpb, lanes = (self.bp_cpb, 8) if pair else (self.bw_cpb, 16)
-            smem = self.smem_pair if pair else 0
-            kernel = self.module.kernel(
-                f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>" if pair
-                else f"scan_bwd_lanes_kernel<{self.storage},{self.compute},16,{self.disc}>", smem
-            )
+            if pair and self.bw_quad:
+                cpb, lanes, smem = self.bq_cpb, 4, self.smem_quad
+                name = f"scan_bwd_quad_kernel<{self.storage},{self.compute}>"
+            elif pair:
+                cpb, lanes, smem = self.bp_cpb, 8, self.smem_pair
+                name = f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>"
+            else:
+                cpb, lanes, smem = self.bw_cpb, 16, 0
+                name = f"scan_bwd_lanes_kernel<{self.storage},{self.compute},16,{self.disc}>"
+            kernel = self.module.kernel(name, smem)
             grid, block = (-(-self.dim // cpb), self.batch, self.K), (lanes * cpb,)
             tail = (
                 _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
