@@ -6,6 +6,8 @@ memory and stack of every kernel. Needs the NVRTC library (pip install
 nvidia-cuda-nvrtc-cu12) and a ``ptxas`` on the PATH.
 
     python scripts/cupy_ptxas.py [--source scan.cu] [--storage float] [--npt 4] [--nl 16] [--disc 0] [-D NAME=V ...]
+    python scripts/cupy_ptxas.py --sass quad    # also the SASS of the kernels whose name holds "quad":
+                                                # the instructions of their longest loop by opcode
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> int:
     ap.add_argument("--disc", type=int, default=0)
     ap.add_argument("-D", action="append", default=[])
     ap.add_argument("--keep", help="write the PTX here")
+    ap.add_argument("--sass", help="disassemble the kernels whose mangled name contains this (cuobjdump on the PATH)")
     a = ap.parse_args()
     compute = "double" if a.storage == "double" else "float"
     names = cupy_cuda.kernel_names(a.source, a.storage, compute, a.npt, a.disc, a.nl)
@@ -62,10 +65,37 @@ def main() -> int:
         path = a.keep or os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        r = subprocess.run(["ptxas", "-v", "-arch=sm_90", path, "-o", os.path.join(tmp, "k.cubin")],
-                           check=False, capture_output=True, text=True)
-    print(r.stdout + r.stderr)
+        cubin = os.path.join(tmp, "k.cubin")
+        r = subprocess.run(["ptxas", "-v", "-arch=sm_90", path, "-o", cubin], check=False, capture_output=True, text=True)
+        print(r.stdout + r.stderr)
+        if a.sass and r.returncode == 0:
+            print_sass(cubin, a.sass)
     return r.returncode
+
+
+def print_sass(cubin: str, part: str) -> None:
+    """Per kernel whose name contains ``part``: its instructions, and those of its longest loop by opcode."""
+    import re
+
+    from sass_torch import opcodes  # the same counting as for the torch kernels
+
+    dump = subprocess.run(["cuobjdump", "-sass", cubin], check=True, capture_output=True, text=True).stdout
+    for block in dump.split("Function : ")[1:]:
+        name = block.split("\n", 1)[0].strip()
+        if part not in name:
+            continue
+        lines = [line for line in block.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+        addr = [int(re.match(r"\s*/\*([0-9a-f]+)\*/", line).group(1), 16) for line in lines]
+        best = (0, -1)
+        for i, line in enumerate(lines):  # the longest backward branch: the outer loop
+            m = re.search(r"BRA (0x[0-9a-f]+)", line)
+            if m and int(m.group(1), 16) < addr[i]:
+                first = addr.index(int(m.group(1), 16))
+                if i - first > best[1] - best[0]:
+                    best = (first, i)
+        total, inner = sum(opcodes("\n".join(lines)).values()), opcodes("\n".join(lines[best[0] : best[1] + 1]))
+        print(f"{name[:100]}: {total} instructions; longest loop {sum(inner.values())}:")
+        print("  " + ", ".join(f"{op} {n}" for op, n in inner.most_common()))
 
 
 if __name__ == "__main__":

@@ -496,9 +496,9 @@ class _Scan:
 
     @property
     def smem_quad(self) -> int:
-        """Dynamic shared memory of the four-states-per-lane backward: a warp's 16 steps of 4 states a lane,
-        and two rows of 16 per-step sums (padded to 20 words) a lane."""
-        return self.bq_warps * (16 * 32 * 4 + 2 * 32 * 20) * 4
+        """Dynamic shared memory of the four-states-per-lane backward: a warp's 16 steps of 4 states a lane
+        (32 slots of 16 bytes a step)."""
+        return self.bq_warps * 16 * 32 * 16
 
     def forward(self, out, h0, h0_chunks, hend, pend, ckpt, nck=0, K=None):
         """One launch of the forward kernel over K chunks (self.K unless given)."""
@@ -570,9 +570,14 @@ class _Scan:
         g = grads or {}
         if self.bw_lanes:
             pair = self.bw_pair and grads is not None  # the chunk pass has one state per lane
+            vec = self.vec_bc
             if pair and self.bw_quad:
                 cpb, lanes, smem = self.bq_cpb, 4, self.smem_quad
                 name = f"scan_bwd_quad_kernel<{self.storage},{self.compute}>"
+                # its vector accesses: 4 steps of a row of u, delta, z, dout and the gradients
+                width = 4 * np.dtype(self.T).itemsize
+                rows = (self.u, self.delta, self.z, dout, g["du"], g["ddelta"], g["dz"])
+                vec = int(self.seqlen % 4 == 0 and all(a is None or a.data.ptr % width == 0 for a in rows))
             elif pair:
                 cpb, lanes, smem = self.bp_cpb, 8, self.smem_pair
                 name = f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>"
@@ -582,7 +587,7 @@ class _Scan:
             kernel = self.module.kernel(name, smem)
             grid, block = (-(-self.dim // cpb), self.batch, self.K), (lanes * cpb,)
             tail = (
-                _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(self.vec_bc),
+                _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(vec),
                 _i64(self.chunk_len),
             )
         else:

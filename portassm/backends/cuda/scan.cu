@@ -1832,49 +1832,111 @@ __global__ void __launch_bounds__(BP_WARPS * 32, BP_MIN_BLOCKS) scan_bwd_pair_ke
 // channels a warp, BQ_WARPS warps a block (32 channels of one group of B, C). Tiles of
 // 16 steps from the chunk's end; the checkpoints (every CKPT_T = 16 steps) start each
 // tile. Per tile:
-//   * lane j of a channel loads steps 4j .. 4j + 3 of its u, delta, dout and z (one tile
-//     ahead) and stages (dt, dt u, dy, u) of each as one 16-byte word a (step, channel):
-//     every lane of the channel then reads a step with one broadcast load; the group's
-//     B and C rows are staged as [step][B row, C row];
+//   * lane j of a channel loads steps 4j .. 4j + 3 of its u, delta, dout and z (one
+//     vector load each, one tile ahead) and stages (dt, dt u, dy, u) of each as one
+//     16-byte word a (step, channel): every lane of the channel then reads a step with
+//     one broadcast load; the group's B and C rows are staged as [step][B row, C row];
 //   * the recomputation from the checkpoint stores each state before its step in the
-//     lane's own slice of shared memory (one 16-byte store a step, read back only by the
-//     same lane: no barrier) and sums C h within the lane for dz;
-//   * the adjoint keeps its sums over states within the lane (g B for du and d dt, and
-//     g h Abar A for d dt) and reduces them over the channel's 4 lanes once a tile through
-//     shared memory, which leaves each lane its own 4 steps; dB and dC of a step are summed
-//     over the warp's 8 channels by a transposed butterfly (7 shuffles: the lane's 8
-//     values, 4 states of each matrix, become one (matrix, state) summed over the
-//     channels), then over the block's warps in a fixed order once a tile.
-// Half the instructions of the two-states-per-lane backward per state update (the
-// per-step loads, the sums over lanes and the per-tile work are shared by 4 states).
-// Arguments as scan_bwd_pair_kernel's (Binv, Cinv, dBinv, dCinv and vec_bc unused).
-// Dynamic shared memory: BQ_WARPS * (16 * 32 * 16 + 2 * 32 * BQ_RP * 4) bytes.
+//     lane's own 16-byte slot of a [step][lane] array in shared memory (read back only by
+//     the same lane: no barrier);
+//   * the adjoint, last step first, sums over the lane's 4 states (g B for du and d dt,
+//     g h Abar A for d dt, C h for dz) and writes them over the slot of the state it has
+//     just read; at the tile's end each lane adds its own 4 steps' sums over the channel's
+//     4 lanes (the slots are swizzled by step so that these reads meet no bank conflict).
+//     dB and dC of a step are summed over the warp's 8 channels by a transposed butterfly
+//     (7 shuffles: the lane's 8 values, 4 states of each matrix, become one (matrix,
+//     state) summed over the channels), stored per step, and summed over the block's
+//     warps in a fixed order once a tile (no atomics: repeats are bit-identical).
+// Against two states per lane: half the instructions per state update (the per-step
+// loads, the sums over lanes and the per-tile work shared by 4 states), and 16 warps a
+// multiprocessor (4 blocks: 128 registers, 53 KiB of shared memory each).
+// Arguments as scan_bwd_pair_kernel's (Binv, Cinv, dBinv, dCinv unused); vec: the rows of
+// u, delta, dout, z, du, d delta, dz allow 16-byte (float) or 8-byte (16-bit) accesses of
+// 4 steps. Dynamic shared memory: BQ_WARPS * 16 * 32 * 16 bytes.
 // ---------------------------------------------------------------------------------
 #ifndef BQ_WARPS
 #define BQ_WARPS 4
 #endif
 #ifndef BQ_MIN_BLOCKS
-#define BQ_MIN_BLOCKS 3
+#define BQ_MIN_BLOCKS 4
 #endif
 #define BQ_RS 36  // words a step of the staged B, C tile: 16 of B, 16 of C, 4 of padding
-#define BQ_RP 20  // words a lane's row of per-step partial sums: 16, and 4 of padding (no bank conflicts)
+#define BQ_WS 17  // words a lane's row of dB or dC sums: 16 steps and one of padding
 
-// the 16 per-step values p of a lane as a row of 4 16-byte words at q
-PA_DEV void put_row16(float* q, const float (&p)[16]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) reinterpret_cast<float4*>(q)[i] = make_float4(p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]);
+// softplus, log(1 + e^v) = max(v, 0) + log1p(e^-|v|), with log1p(w)/w on [0, 1] a degree-8
+// polynomial (relative error below 3e-7), and its derivative sigmoid(v): no division, no call
+PA_DEV void softplus_fast(float v, float& sp, float& grad) {
+    const float w = fexp2(fabsf(v) * -1.4426950408889634f);
+    float p = 0.005244129337370396f;
+    p = p * w - 0.029557399451732635f;
+    p = p * w + 0.07832293212413788f;
+    p = p * w - 0.1367269903421402f;
+    p = p * w + 0.1911117285490036f;
+    p = p * w - 0.24844548106193542f;
+    p = p * w + 0.3331933915615082f;
+    p = p * w - 0.49999508261680603f;
+    p = p * w + 1.0f;
+    sp = fmaxf(v, 0.0f) + w * p;
+    const float r = __fdividef(1.0f, 1.0f + w);  // sigmoid(|v|)
+    grad = v >= 0.0f ? r : w * r;
 }
-// steps 4j .. 4j + 3 of a channel's 4 rows of partial sums (rows BQ_RP words apart from q), summed
-PA_DEV float4 sum_rows4(const float* q, int j) {
-    float4 s = reinterpret_cast<const float4*>(q)[j];
-#pragma unroll
-    for (int r = 1; r < 4; ++r) {
-        const float4 v = reinterpret_cast<const float4*>(q + r * BQ_RP)[j];
-        s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+
+// 4 consecutive elements of a row as loaded (their bits): one vector load when vec and
+// all 4 are valid, else nv (< 4 possibly) scalar loads and zeros
+template <typename T> struct Row4;
+template <> struct Row4<float> {
+    uint4 w;
+    PA_DEV void load(const float* p, bool vec, int nv) {
+        if (vec && nv >= 4) {
+            w = __ldg(reinterpret_cast<const uint4*>(p));
+        } else {
+            w.x = nv > 0 ? __float_as_uint(p[0]) : 0u;
+            w.y = nv > 1 ? __float_as_uint(p[1]) : 0u;
+            w.z = nv > 2 ? __float_as_uint(p[2]) : 0u;
+            w.w = nv > 3 ? __float_as_uint(p[3]) : 0u;
+        }
     }
-    return s;
-}
-PA_DEV float at4(const float4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+    PA_DEV float get(int i) const { return __uint_as_float(i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w); }
+    static PA_DEV void store(float* p, const float (&v)[4], bool vec, int nv) {
+        if (vec && nv >= 4) {
+            *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if (i < nv) p[i] = v[i];
+        }
+    }
+};
+template <typename H> struct Row4h {  // bfloat16 or float16
+    uint2 w;
+    PA_DEV void load(const H* p, bool vec, int nv) {
+        if (vec && nv >= 4) {
+            w = __ldg(reinterpret_cast<const uint2*>(p));
+        } else {
+            const unsigned e0 = nv > 0 ? p[0].bits : 0u, e1 = nv > 1 ? p[1].bits : 0u;
+            const unsigned e2 = nv > 2 ? p[2].bits : 0u, e3 = nv > 3 ? p[3].bits : 0u;
+            w = make_uint2(e0 | (e1 << 16), e2 | (e3 << 16));
+        }
+    }
+    PA_DEV float get(int i) const {
+        const unsigned v = i < 2 ? w.x : w.y;
+        return widen(H{(unsigned short)((i & 1) ? v >> 16 : v & 0xffffu)});
+    }
+    static PA_DEV void store(H* p, const float (&v)[4], bool vec, int nv) {
+        H e[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) e[i] = narrow<H>(v[i]);
+        if (vec && nv >= 4) {
+            *reinterpret_cast<uint2*>(p) = make_uint2(e[0].bits | ((unsigned)e[1].bits << 16), e[2].bits | ((unsigned)e[3].bits << 16));
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                if (i < nv) p[i] = e[i];
+        }
+    }
+};
+template <> struct Row4<bf16_t> : Row4h<bf16_t> {};
+template <> struct Row4<f16_t> : Row4h<f16_t> {};
 
 template <typename T, typename W>
 __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_kernel(
@@ -1884,22 +1946,22 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
     const W* __restrict__ ckpt, int nck, const W* __restrict__ g0, int g0_chunks, W* __restrict__ gout,
     T* __restrict__ du, T* __restrict__ ddelta, T* __restrict__ dz, W* __restrict__ dA_part,
     W* __restrict__ dBinv_part, W* __restrict__ dCinv_part, W* __restrict__ dB_part, W* __restrict__ dC_part,
-    W* __restrict__ dD_part, W* __restrict__ dbias_part, int dim, int dstate, long long seqlen, int groups, int vec_bc,
+    W* __restrict__ dD_part, W* __restrict__ dbias_part, int dim, int dstate, long long seqlen, int groups, int vec,
     long long chunk_len) {
     static_assert(sizeof(W) == 4, "the four-states-per-lane backward computes in float32");
-    constexpr int TT = 16, CPW = 8, CPB = CPW * BQ_WARPS, NTH = BQ_WARPS * 32;
-    constexpr int BCE = 16 * TT / NTH;  // elements of each of the B and C tiles per thread
-    static_assert(16 * TT % NTH == 0, "BQ_WARPS must divide 8");
-    __shared__ __align__(16) W s_x[TT * CPB * 4];            // [step][channel]: (dt, dt u, dy, u)
-    __shared__ __align__(16) W s_bc[TT * BQ_RS];             // [step]: B row, C row
-    __shared__ __align__(16) W s_w[BQ_WARPS * 32 * BQ_RP];   // [warp][lane][step]: dB or dC summed over the warp's channels
-    PA_SHARED(s_dyn);  // [warp][step][lane]: the lane's 4 states before each step; then [warp][2][lane][step]: sums
+    constexpr int TT = 16, CPW = 8, CPB = CPW * BQ_WARPS, NTH = BQ_WARPS * 32, SXS = CPB + 1;
+    constexpr int BCE = 16 * TT / NTH, PARTS = 2 * 16 * TT / NTH;  // per thread: B (and C) tile elements, dB/dC sums
+    static_assert(16 * TT % NTH == 0 && 2 * 16 * TT % NTH == 0, "BQ_WARPS must divide 8");
+    __shared__ __align__(16) W s_x[TT * SXS * 4];           // [step][channel]: (dt, dt u, dy, u)
+    __shared__ __align__(16) W s_bc[TT * BQ_RS];            // [step]: B row, C row
+    __shared__ W s_w[BQ_WARPS * 32 * BQ_WS];                // [warp][lane][step]: dB or dC summed over the warp's channels
+    PA_SHARED(s_dyn);  // [warp][step][lane ^ step / 4]: the lane's states before each step, then its sums over states
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane / 4, j = lane % 4;
     const int cb = warp * CPW + c, d = blockIdx.x * CPB + cb;  // dim is a multiple of CPB (the caller checks)
     const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z, batch = gridDim.y;
     const long long t_begin = (long long)k * chunk_len;
     const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
-    const size_t chan = (size_t)b * dim + d, row = chan * seqlen;
+    const size_t chan = (size_t)b * dim + d, row = chan * seqlen + 4 * j;  // this lane's steps: 4j .. 4j + 3 of a tile
     const int g_blk = (int)(blockIdx.x * CPB) / (dim / groups);
     const T* bblk = Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen;
     const T* cblk = Csel + ((size_t)b * groups + g_blk) * dstate * seqlen;
@@ -1913,18 +1975,30 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
         g[i] = (n < dstate && g0) ? g0[grow + n] : W(0);
         dA[i] = W(0);
     }
-    float4* hs = reinterpret_cast<float4*>(s_dyn) + warp * TT * 32 + lane;  // the state before step kk at hs[kk * 32]
-    W* ys = reinterpret_cast<W*>(s_dyn) + BQ_WARPS * TT * 32 * 4 + warp * 2 * 32 * BQ_RP;  // [2][lane][BQ_RP]
-    W* ws = s_w + warp * 32 * BQ_RP;
-    const float4* sx4 = reinterpret_cast<const float4*>(s_x) + cb;  // step kk at sx4[kk * CPB]
+    float4* hw = reinterpret_cast<float4*>(s_dyn) + warp * TT * 32;  // step kk, lane l at hw[kk * 32 + (l ^ kk / 4)]
+    const float4* sx4 = reinterpret_cast<const float4*>(s_x) + cb;   // step kk at sx4[kk * SXS]
     const W* bcj = s_bc + 4 * j;  // this lane's states of B at step kk: bcj[kk * BQ_RS], of C 16 words on
+    W* wrow = s_w + (warp * 32 + lane) * BQ_WS;
+    // the dB, dC sums this thread adds over the warps: (lane of a warp, step) and where they go
+    const W* wsrc[PARTS];
+    W* wdst[PARTS];
+    int wstep[PARTS];
+#pragma unroll
+    for (int r = 0; r < PARTS; ++r) {
+        const int o = threadIdx.x + r * NTH, src = o / TT, cc = src / 4, n = 4 * (src % 4) + ((cc >> 1) & 1) + 2 * (cc & 1);
+        wstep[r] = n < dstate ? o % TT : TT;  // TT: a state past dstate, never written
+        wsrc[r] = s_w + src * BQ_WS + o % TT;
+        wdst[r] = (cc >> 2 ? dC_part : dB_part) + (((size_t)blockIdx.x * batch + b) * dstate + (n < dstate ? n : 0)) * seqlen + o % TT;
+    }
     W dD_acc = W(0), dbias_acc = W(0);
+    const bool b2 = (c & 4) != 0, b1 = (c & 2) != 0, b0 = (c & 1) != 0, vec_rows = vec != 0;
 
     const int ntiles = (int)((t_end - t_begin + TT - 1) / TT);
-    T rb[BCE], rc[BCE], pu[4], pd[4], po[4], pz[4];  // the next tile, in flight
+    T rb[BCE], rc[BCE];
+    Row4<T> pu, pd, po, pz;  // the next tile, in flight
     W pck[4];
     auto fetch = [&](long long tl) {
-        const int ntl = (int)(t_end - tl < TT ? t_end - tl : TT);
+        const int ntl = (int)(t_end - tl < TT ? t_end - tl : TT), nv = ntl - 4 * j;
 #pragma unroll
         for (int r = 0; r < BCE; ++r) {
             const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
@@ -1932,23 +2006,18 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
             rb[r] = ok ? bblk[(size_t)nn * seqlen + tl + tt] : T{};
             rc[r] = ok ? cblk[(size_t)nn * seqlen + tl + tt] : T{};
         }
+        pu.load(u + row + tl, vec_rows, nv);
+        pd.load(delta + row + tl, vec_rows, nv);
+        po.load(dout + row + tl, vec_rows, nv);
+        if (z) pz.load(z + row + tl, vec_rows, nv);
+        const W* ck = ckpt + (chan * nck + tl / CKPT_T) * dstate + 4 * j;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int s = 4 * j + i;
-            const bool ok = s < ntl;
-            pu[i] = ok ? u[row + tl + s] : T{};
-            pd[i] = ok ? delta[row + tl + s] : T{};
-            po[i] = ok ? dout[row + tl + s] : T{};
-            pz[i] = (ok && z) ? z[row + tl + s] : T{};
-        }
-        const size_t o = (chan * nck + tl / CKPT_T) * dstate;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pck[i] = 4 * j + i < dstate ? ckpt[o + 4 * j + i] : W(0);
+        for (int i = 0; i < 4; ++i) pck[i] = 4 * j + i < dstate ? ck[i] : W(0);
     };
     if (ntiles > 0) fetch(t_begin + (long long)(ntiles - 1) * TT);
     for (int it = ntiles - 1; it >= 0; --it) {
         const long long t0 = t_begin + (long long)it * TT;
-        const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT);
+        const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT), nv = nt - 4 * j;
 #pragma unroll
         for (int r = 0; r < BCE; ++r) {
             const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
@@ -1956,76 +2025,53 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
             s_bc[tt * BQ_RS + 16 + nn] = widen(rc[r]);
         }
         // this lane's 4 steps: dt (softplus), its derivative, dy = dout * silu(z), and dz / (y + D u)
-        W dsp[4], dzy[4];
+        W dsp[4], dzy[4], uu[4], dts[4], dys[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const bool tv = 4 * j + i < nt;
-            const W v = widen(pd[i]) + bias, uu = widen(pu[i]), go = widen(po[i]);
+            const W v = pd.get(i) + bias, go = po.get(i);
+            uu[i] = pu.get(i);
             W dt = v, dy = go;
             dsp[i] = W(1);
             dzy[i] = W(0);
-            if (softplus_flag) {
-                dt = softplus(v);
-                dsp[i] = softplus_grad(v);
-            }
+            if (softplus_flag) softplus_fast(v, dt, dsp[i]);
             if (z) {
-                const W zz = widen(pz[i]), sz = W(1) / (W(1) + fexp(-zz));
+                const W zz = pz.get(i), sz = __fdividef(W(1), W(1) + fexp(-zz));
                 dy = go * zz * sz;
                 dzy[i] = go * sz * (W(1) + zz * (W(1) - sz));
             }
-            if (!tv) dt = dy = W(0);  // a step past the end: Abar = 1, no input, no output
-            reinterpret_cast<float4*>(s_x)[(4 * j + i) * CPB + cb] = make_float4(dt, dt * uu, dy, uu);
+            if (i >= nv) dt = dy = W(0);  // a step past the end: Abar = 1, no input, no output
+            dts[i] = dt;
+            dys[i] = dy;
+            reinterpret_cast<float4*>(s_x)[(4 * j + i) * SXS + cb] = make_float4(dt, dt * uu[i], dy, uu[i]);
         }
-        W hck[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) hck[i] = pck[i];
-        __syncthreads();  // the tile staged (and every read of the previous tile's shared memory done)
+        W h[4] = {pck[0], pck[1], pck[2], pck[3]};
+        __syncthreads();  // the tile staged (every read of the previous tile's shared memory is done)
         if (it > 0) fetch(t0 - TT);
 
-        // the tile's states from its checkpoint; y of each step summed within the lane
-        W h[4] = {hck[0], hck[1], hck[2], hck[3]};
-        {
-            W yp[TT];
+        // the tile's states from its checkpoint: slot kk holds the state before step kk
 #pragma unroll
-            for (int kk = 0; kk < TT; ++kk) {
-                const float4 q = sx4[kk * CPB];
-                const float4 bq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS);
-                const float4 cq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS + 16);
-                hs[kk * 32] = make_float4(h[0], h[1], h[2], h[3]);
-                h[0] = fexp2(q.x * A2[0]) * h[0] + q.y * bq.x;
-                h[1] = fexp2(q.x * A2[1]) * h[1] + q.y * bq.y;
-                h[2] = fexp2(q.x * A2[2]) * h[2] + q.y * bq.z;
-                h[3] = fexp2(q.x * A2[3]) * h[3] + q.y * bq.w;
-                yp[kk] = cq.x * h[0] + cq.y * h[1] + cq.z * h[2] + cq.w * h[3];
-            }
-            if (dz) {  // y of this lane's 4 steps, summed over the channel's 4 lanes
-                put_row16(ys + lane * BQ_RP, yp);
-                __syncwarp();
-                const float4 y = sum_rows4(ys + (4 * c) * BQ_RP, j);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int s = 4 * j + i;
-                    if (s < nt) {
-                        const float4 x = sx4[s * CPB];
-                        dz[row + t0 + s] = narrow<T>(dzy[i] * (at4(y, i) + Dd * x.w));
-                    }
-                }
-                __syncwarp();  // read before the sums below overwrite the rows
-            }
+        for (int kk = 0; kk < TT; ++kk) {
+            const float4 q = sx4[kk * SXS];
+            const float4 bq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS);
+            hw[kk * 32 + (lane ^ (kk / 4))] = make_float4(h[0], h[1], h[2], h[3]);
+            h[0] = fexp2(q.x * A2[0]) * h[0] + q.y * bq.x;
+            h[1] = fexp2(q.x * A2[1]) * h[1] + q.y * bq.y;
+            h[2] = fexp2(q.x * A2[2]) * h[2] + q.y * bq.z;
+            h[3] = fexp2(q.x * A2[3]) * h[3] + q.y * bq.w;
         }
         // the adjoint, last step first; h is the state after step kb
-        W s1p[TT], s2p[TT], wp[TT];
-        const bool b2 = (c & 4) != 0, b1 = (c & 2) != 0, b0 = (c & 1) != 0;
 #pragma unroll
         for (int kb = TT - 1; kb >= 0; --kb) {
-            const float4 q = sx4[kb * CPB];
+            const float4 q = sx4[kb * SXS];  // (dt, dt u, dy, u)
             const float4 bq = *reinterpret_cast<const float4*>(bcj + kb * BQ_RS);
             const float4 cq = *reinterpret_cast<const float4*>(bcj + kb * BQ_RS + 16);
-            const float4 hq = hs[kb * 32];
+            float4* slot = hw + kb * 32 + (lane ^ (kb / 4));
+            const float4 hq = *slot;
             const W bv[4] = {bq.x, bq.y, bq.z, bq.w}, cv[4] = {cq.x, cq.y, cq.z, cq.w}, hp[4] = {hq.x, hq.y, hq.z, hq.w};
-            W rB[4], rC[4], s1 = W(0), s2 = W(0);
+            W rB[4], rC[4], s1 = W(0), s2 = W(0), y = W(0);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
+                y += cv[i] * h[i];
                 rC[i] = h[i] * q.z;  // dC's term
                 g[i] += cv[i] * q.z;
                 rB[i] = g[i] * q.y;  // dB's term
@@ -2037,8 +2083,7 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
                 g[i] *= abar;
                 h[i] = hp[i];
             }
-            s1p[kb] = s1;
-            s2p[kb] = s2;
+            *slot = make_float4(s1, s2, y, W(0));  // the lane's sums over its states, over the state just read
             // dB, dC summed over the warp's 8 channels: lane (c, j) ends with matrix c >> 2
             // (0: B, 1: C), state 4 j + (c >> 1 & 1) + 2 (c & 1)
             W m[4], m2[2];
@@ -2047,46 +2092,49 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
 #pragma unroll
             for (int p = 0; p < 2; ++p)
                 m2[p] = (b1 ? m[2 * p + 1] : m[2 * p]) + __shfl_xor_sync(0xffffffffu, b1 ? m[2 * p] : m[2 * p + 1], 8);
-            wp[kb] = (b0 ? m2[1] : m2[0]) + __shfl_xor_sync(0xffffffffu, b0 ? m2[0] : m2[1], 4);
+            wrow[kb] = (b0 ? m2[1] : m2[0]) + __shfl_xor_sync(0xffffffffu, b0 ? m2[0] : m2[1], 4);
         }
-        put_row16(ys + lane * BQ_RP, s1p);
-        put_row16(ys + (32 + lane) * BQ_RP, s2p);
-        put_row16(ws + lane * BQ_RP, wp);
-        __syncthreads();  // every warp's dB, dC sums and the lanes' sums over states written
+        __syncthreads();  // every warp's dB, dC sums and every lane's sums over states written
         // dB, dC rows of the tile: the warps' sums added in a fixed order
 #pragma unroll
-        for (int r = 0; r < 2 * 16 * TT / NTH; ++r) {
-            const int o = threadIdx.x + r * NTH, s = o % TT, src = o / TT, cc = src / 4;
-            const int n = 4 * (src % 4) + ((cc >> 1) & 1) + 2 * (cc & 1);
-            if (n < dstate && s < nt) {
+        for (int r = 0; r < PARTS; ++r) {
+            if (wstep[r] < nt) {
                 W sum = W(0);
 #pragma unroll
-                for (int w = 0; w < BQ_WARPS; ++w) sum += s_w[(w * 32 + src) * BQ_RP + s];
-                const size_t at = (((size_t)blockIdx.x * batch + b) * dstate + n) * seqlen + t0 + s;
-                (cc >> 2 ? dC_part : dB_part)[at] = sum;
+                for (int w = 0; w < BQ_WARPS; ++w) sum += wsrc[r][w * 32 * BQ_WS];
+                wdst[r][t0] = sum;
             }
         }
-        // this lane's 4 steps: du, d delta, and the sums of dD and d delta_bias
-        const float4 s1 = sum_rows4(ys + (4 * c) * BQ_RP, j), s2 = sum_rows4(ys + (32 + 4 * c) * BQ_RP, j);
+        // this lane's 4 steps: the sums over the channel's 4 lanes, du, d delta, dz, and dD, d delta_bias
+        W vdu[4], vdd[4], vdz[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int s = 4 * j + i;
-            if (s < nt) {
-                const float4 x = sx4[s * CPB];  // (dt, dt u, dy, u)
-                const W ddt = (at4(s2, i) * W(0.6931471805599453) + x.w * at4(s1, i)) * dsp[i];
-                du[row + t0 + s] = narrow<T>(x.x * at4(s1, i) + Dd * x.z);
-                ddelta[row + t0 + s] = narrow<T>(ddt);
-                dD_acc += x.z * x.w;
+            const float4* at = hw + (4 * j + i) * 32;  // step 4j + i: the channel's lanes 4c + l at slots (4c + l) ^ j
+            float4 sum = at[(4 * c) ^ j];
+#pragma unroll
+            for (int l = 1; l < 4; ++l) {
+                const float4 v = at[(4 * c + l) ^ j];
+                sum.x += v.x; sum.y += v.y; sum.z += v.z;
+            }
+            const W ddt = (sum.y * W(0.6931471805599453) + uu[i] * sum.x) * dsp[i];  // s2 was summed with A log2(e)
+            vdu[i] = dts[i] * sum.x + Dd * dys[i];
+            vdd[i] = ddt;
+            vdz[i] = dzy[i] * (sum.z + Dd * uu[i]);
+            if (i < nv) {
+                dD_acc += dys[i] * uu[i];
                 dbias_acc += ddt;
             }
         }
+        Row4<T>::store(du + row + t0, vdu, vec_rows, nv);
+        Row4<T>::store(ddelta + row + t0, vdd, vec_rows, nv);
+        if (z) Row4<T>::store(dz + row + t0, vdz, vec_rows, nv);
     }
-    const size_t o = (chan * K + k) * dstate;
+    const size_t o = (chan * K + k) * dstate + 4 * j;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         if (4 * j + i < dstate) {
-            gout[o + 4 * j + i] = g[i];
-            dA_part[o + 4 * j + i] = dA[i];
+            gout[o + i] = g[i];
+            dA_part[o + i] = dA[i];
         }
     }
     dD_acc = lane_sum<4>(dD_acc);
