@@ -51,6 +51,8 @@ VARIANTS = (
     ("fwd one state per lane (LS_PAIR=0)", {}, ("LS_PAIR=0",)),
     ("fwd two states per lane, 4 warps a block, 6 blocks/SM", {}, ("LP_WARPS=4", "LP_MIN_BLOCKS=6")),
     ("bwd one state per lane (BW_PAIR=0)", {}, ("BW_PAIR=0",)),
+    ("fwd two states per lane (FW_QUAD=0)", {}, ("FW_QUAD=0",)),
+    ("fwd four states per lane, 8 blocks/SM (128 registers)", {}, ("FQ_MIN_BLOCKS=8",)),
     ("bwd two states per lane (BW_QUAD=0)", {}, ("BW_QUAD=0",)),
     ("bwd four states per lane, 3 blocks/SM (168 registers)", {}, ("BQ_MIN_BLOCKS=3",)),
     ("bwd two states per lane, 2 blocks/SM (128 registers)", {}, ("BP_MIN_BLOCKS=2",)),

@@ -5,7 +5,8 @@
 # decoding step (allocating, and in place); both layouts (one state per lane: dstate <= 32; split:
 # dstate 33), shared-memory B/C tiles (one and two groups per block) and direct reads
 # (many groups), time-invariant B/C, float32, float64 and bfloat16; the backward with
-# four states per lane (mamba, B and C selective) and, forced, with two.
+# four states per lane (mamba, B and C selective), and the forward's and
+# backward's fewer-states kernels forced.
 # Run on the GPU machine, from the repository root:  bash scripts/sanitize_cupy.sh
 # Exit status: non-zero when either tool reports an error.
 set -u
@@ -56,7 +57,7 @@ for layout, chunks in ((None, (None, 32)), ("split", (32,))):
     run(2, 40, 70, 5, (2, 5, 70), "float32", chunk, "bilinear")    # dstate 5: lanes 5-7 and every second state unused
 # the one-state-per-lane forward in place of the two-states-per-lane one (blocks inside
 # one group, across two and three)
-for defines in (("LS_PAIR=0", "BW_QUAD=0"),):
+for defines in (("LS_PAIR=0", "BW_QUAD=0"), ("FW_QUAD=0",)):
     cupy_cuda._defines = defines
     cupy_cuda.configure(layout="lanes")
     for chunk in (None, 32):

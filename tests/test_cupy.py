@@ -97,6 +97,7 @@ _COMPILED = [
     ("scan.cu", "bf16_t", "float", 4, 0, 16), ("scan.cu", "f16_t", "float", 4, 2, 16),
     ("scan.cu", "float", "float", 8, 1, 32), ("scan.cu", "bf16_t", "float", 8, 0, 32),
     ("scan.cu", "bf16_t", "float", 16, 2, None), ("scan.cu", "float", "float", 4, 1, 16),
+    ("scan.cu", "f16_t", "float", 4, 0, 16),
     ("step.cu", "float", "float", None, 0, None), ("step.cu", "double", "double", None, 1, None),
     ("step.cu", "bf16_t", "float", None, 2, None), ("step.cu", "f16_t", "float", None, 0, None),
 ]
@@ -118,7 +119,7 @@ def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, np
 @pytest.mark.parametrize("defines", [
     ("LS_BC_SMEM=0", "BW_BC_SMEM=0"), ("LS_PREFETCH=0", "BW_PREFETCH=0"), ("LS_WARPS=4", "LS_MIN_BLOCKS=8"),
     ("BW_WARPS=8", "BW_MIN_BLOCKS=2"), ("LP_WARPS=4", "LP_MIN_BLOCKS=6"), ("BP_MIN_BLOCKS=2",),
-    ("BP_WARPS=4", "BP_MIN_BLOCKS=6"),
+    ("BP_WARPS=4", "BP_MIN_BLOCKS=6"), ("FQ_MIN_BLOCKS=8", "BQ_MIN_BLOCKS=3"),
 ])
 def test_benchmark_variants_compile(nvrtc, defines):
     """The benchmark's compile-time variants of the lanes kernels (B/C rows read from
@@ -262,11 +263,11 @@ def test_scan_with_vjp_agrees_with_the_oracle(cupy_backend, rng, chunk):
     [(16, 1000, True, True, "grouped"), (13, 7, True, False, "selective"), (4, 150, False, True, "selective"),
      (16, 33, False, False, "grouped")],
 )
-def test_quad_backward_agrees_with_the_oracle(cupy_backend, rng, chunk, dstate, seqlen, options, softplus, form):
-    """The four-states-per-lane backward (mamba, B and C selective): every gradient against the
-    float64 oracle with and without the options, softplus, a last-state gradient and chunks,
-    dstate 16, 13 and 4 (states past dstate carry zeros), odd lengths (partial tiles); it
-    must be the kernel that ran."""
+def test_quad_kernels_agree_with_the_oracle(cupy_backend, rng, chunk, dstate, seqlen, options, softplus, form):
+    """The four-states-per-lane forward and backward (mamba, B and C selective): the output, the
+    last state and every gradient against the float64 oracle with and without the options,
+    softplus, a last-state gradient and chunks, dstate 16, 13 and 4 (states past dstate carry
+    zeros), odd lengths (partial tiles, scalar loads); they must be the kernels that ran."""
     cp = cupy_cuda._cupy()
     cupy_cuda.configure(chunk=chunk)
     case = make_case(rng, batch=2, dim=64, seqlen=seqlen, dstate=dstate, form=form, groups=2, options=options,
@@ -276,7 +277,11 @@ def test_quad_backward_agrees_with_the_oracle(cupy_backend, rng, chunk, dstate, 
     for name in ("B", "C"):  # the backend's form: (batch, groups, dstate, seqlen)
         kernel_args[name] = kernel_args[name][:, None] if kernel_args[name].ndim == 3 else kernel_args[name]
     probe = cupy_cuda._Scan(*kernel_args.values(), "mamba")
-    assert probe.bw_quad and probe.part_cpb == 32
+    assert probe.quad and probe.bw_quad and probe.part_cpb == 32
+    out, last = portassm.scan(**args, return_last_state=True)
+    ref_out, ref_last = oracle_forward(case)
+    assert rel_err(cp.asnumpy(out), ref_out) <= TOLERANCE["float32"]
+    assert rel_err(cp.asnumpy(last), ref_last) <= TOLERANCE["float32"]
     dout = rng.standard_normal(case.u.shape).astype(np.float32)
     dlast = rng.standard_normal((2, 64, dstate)).astype(np.float32)
     for residuals in (False, True):
@@ -293,8 +298,8 @@ def test_quad_backward_agrees_with_the_oracle(cupy_backend, rng, chunk, dstate, 
 
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_quad_backward_matches_the_pair_backward(cupy_backend, rng, dtype):
-    """Four states per lane against two (BW_QUAD=0) on the same inputs, float32 and bfloat16
+def test_quad_kernels_match_the_pair_kernels(cupy_backend, rng, dtype):
+    """Four states per lane against two (FW_QUAD=0, BW_QUAD=0) on the same inputs, float32 and bfloat16
     u, delta, z, B, C (torch CUDA tensors through DLPack): the same gradients up to float32
     rounding (and one bfloat16 rounding of the gradients of those five)."""
     torch = _torch_cuda()
@@ -306,16 +311,18 @@ def test_quad_backward_matches_the_pair_backward(cupy_backend, rng, dtype):
     }
     dout = torch.randn(case.u.shape, device="cuda").to(getattr(torch, dtype))
     try:
-        quad = portassm.scan_vjp(dout, **tensors, delta_softplus=True)
+        quad = (*portassm.scan(**tensors, delta_softplus=True, return_last_state=True),
+                *portassm.scan_vjp(dout, **tensors, delta_softplus=True))
     except TypeError as exc:
         assert dtype == "bfloat16" and "bfloat16" in str(exc)
         pytest.skip(f"CuPy cannot hold bfloat16 here: {exc}")
-    cupy_cuda._defines = ("BW_QUAD=0",)
-    pair = portassm.scan_vjp(dout, **tensors, delta_softplus=True)
-    for name, a, b in zip(case.ARRAYS, quad, pair):
+    cupy_cuda._defines = ("FW_QUAD=0", "BW_QUAD=0")
+    pair = (*portassm.scan(**tensors, delta_softplus=True, return_last_state=True),
+            *portassm.scan_vjp(dout, **tensors, delta_softplus=True))
+    for name, a, b in zip(("out", "last_state", *case.ARRAYS), quad, pair):
         a64 = torch.from_dlpack(a).double().cpu().numpy()
         b64 = torch.from_dlpack(b).double().cpu().numpy()
-        limit = 1e-2 if dtype == "bfloat16" and name in big else 1e-5  # bfloat16 gradients: one rounding each
+        limit = 1e-2 if dtype == "bfloat16" and name in {"out", *big} else 1e-5  # bfloat16 results: one rounding each
         assert rel_err(a64, b64) <= limit, name
 
 

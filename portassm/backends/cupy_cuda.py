@@ -61,6 +61,8 @@ _MAX_SMEM = 227 * 1024  # a block's shared memory on sm_90, after opting in
 _options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None}
 LAYOUTS = ("lanes", "split", "lanes-bwd")
 BW_PAIR = 1  # the backward's full pass with two states per lane (scan_bwd_pair_kernel) where it applies; 0: one
+FW_QUAD = 1  # the forward with four states per lane (scan_fwd_quad_kernel) where it applies (mamba, B and C
+# selective); 0: two
 BW_QUAD = 1  # ... with four states per lane (scan_bwd_quad_kernel) where it applies (mamba, B and C selective); 0: two
 LANES = (16, 32)  # lanes per channel of the one-state-per-lane kernels: dstate <= 16, <= 32
 #: extra preprocessor definitions for the .cu sources (the benchmark's layout variants)
@@ -102,6 +104,7 @@ def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc:
                 names.append(f"scan_fwd_pair_kernel<{storage},{compute},{disc}>")
                 names.append(f"scan_bwd_pair_kernel<{storage},{compute},{disc}>")
                 if disc == _DISC["mamba"]:
+                    names.append(f"scan_fwd_quad_kernel<{storage},{compute}>")
                     names.append(f"scan_bwd_quad_kernel<{storage},{compute}>")
         return names
     return [f"scan_step_kernel<{storage},{compute},{disc}>"]
@@ -373,6 +376,17 @@ class _Scan:
             and _define_int("LS_PAIR", 1) != 0
             and ((gb is None and gc is None) or (self.dim // self.groups) % self.lp_cpb == 0)
         )
+        # or with four states per lane (4 lanes a channel, 8 channels a warp): mamba's
+        # discretisation with B and C both selective, blocks of fq_cpb channels in one group
+        self.fq_cpb = 8 * _define_int("FQ_WARPS", 2)
+        self.quad = (
+            self.pair
+            and _define_int("FW_QUAD", FW_QUAD) != 0
+            and self.disc == _DISC["mamba"]
+            and gb is not None
+            and gc is not None
+            and (self.dim // self.groups) % self.fq_cpb == 0
+        )
         if nl is not None:
             self.ls_threads = 32 * _define_int("LS_WARPS", 8)
             self.ls_cpb = self.ls_threads // nl  # channels per block
@@ -440,6 +454,14 @@ class _Scan:
         L = self.seqlen
         if _options["chunk"] is not None:
             clen = -(-_options["chunk"] // FWD_TT) * FWD_TT
+        elif self.quad and _options["min_threads"] is None:
+            # four states per lane: chunk below 8 warps a multiprocessor, to about 16
+            threads, floor = self.batch * self.dim * 4, 256 * _multiprocessors(u)
+            if threads >= floor or L < 512:
+                return L, 1
+            K = min(max(2, 2 * floor // threads), L // 256)
+            per_chunk = -(-L // K)
+            clen = -(-per_chunk // FWD_TT) * FWD_TT
         elif self.pair and _options["min_threads"] is None:
             # one wave of the two-states-per-lane forward is 3 blocks of 256 threads per
             # multiprocessor: chunk below half a wave, to about one wave
@@ -503,6 +525,22 @@ class _Scan:
     def forward(self, out, h0, h0_chunks, hend, pend, ckpt, nck=0, K=None):
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
+        if self.quad:
+            kernel = self.module.kernel(f"scan_fwd_quad_kernel<{self.storage},{self.compute}>", 0)
+            width = 4 * np.dtype(self.T).itemsize  # its vector accesses: 4 steps of a row
+            rows = (self.u, self.delta, self.z, out)
+            vec = int(self.seqlen % 4 == 0 and all(a is None or a.data.ptr % width == 0 for a in rows))
+            kernel(
+                (self.dim // self.fq_cpb, self.batch, K), (4 * self.fq_cpb,),
+                (
+                    _ptr(self.u), _ptr(self.delta), _ptr(self.z), _ptr(out), _ptr(self.A), _ptr(self.Bsel),
+                    _ptr(self.Binv), _ptr(self.Csel), _ptr(self.Cinv), _ptr(self.D), _ptr(self.delta_bias),
+                    _i32(self.softplus), _ptr(h0), _i32(h0_chunks), _ptr(hend), _ptr(pend), _ptr(ckpt), _i32(nck),
+                    _i32(self.dim), _i32(self.dstate), _i64(self.seqlen), _i32(self.groups), _i32(vec),
+                    _i64(self.chunk_len),
+                ),
+            )
+            return
         if self.pair:
             kernel = self.module.kernel(f"scan_fwd_pair_kernel<{self.storage},{self.compute},{self.disc}>", 0)
             kernel(

@@ -2144,3 +2144,185 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
         if (dbias_part) dbias_part[chan * K + k] = dbias_acc;
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Forward with four states per lane (scan_fwd_quad_kernel): mamba's discretisation with B
+// and C both selective, float32 compute, dstate <= 16; the modes of scan_fwd_pair_kernel
+// (out, hend, pend, ckpt, h0). A channel is 4 lanes, lane j owning states 4j .. 4j + 3; 8
+// channels a warp, FQ_WARPS warps a block (channels of one group of B, C). Tiles of 16
+// steps: lane j loads steps 4j .. 4j + 3 of its u, delta, z (one vector load each, one
+// tile ahead), computes dt (softplus) and dt u there and stages them in its channel's row
+// of shared memory; every lane of the channel then holds the whole row of the tile in
+// registers (8 16-byte reads), so a step's dt and dt u are registers picked at compile
+// time. B and C rows are staged once for the block as [step][B row, C row] (double
+// buffered) and read as one 16-byte word a lane and step. A step of a lane: 4 multiplies,
+// 4 ex2, 4 multiply-adds for the states, 4 for its part of C h; the 4 parts of each step
+// are added over the channel's lanes once a tile through shared memory, leaving each lane
+// its own 4 steps, where D u and the gate are applied.
+// Against two states per lane: about half the instructions per state update, and half
+// the warps (8 channels a warp instead of 4).
+// ---------------------------------------------------------------------------------
+#ifndef FQ_WARPS
+#define FQ_WARPS 2
+#endif
+#ifndef FQ_MIN_BLOCKS
+#define FQ_MIN_BLOCKS 6
+#endif
+#define FQ_XS 36  // words a channel's row of staged (dt, dt u) pairs: 16 steps, and 4 of padding
+
+// the 16 per-step values p of a lane as a row of 4 16-byte words at q
+PA_DEV void put_row16(float* q, const float (&p)[16]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) reinterpret_cast<float4*>(q)[i] = make_float4(p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]);
+}
+// steps 4j .. 4j + 3 of a channel's 4 rows of per-step values (rows 20 words apart from q), summed
+PA_DEV float4 sum_rows4(const float* q, int j) {
+    float4 s = reinterpret_cast<const float4*>(q)[j];
+#pragma unroll
+    for (int r = 1; r < 4; ++r) {
+        const float4 v = reinterpret_cast<const float4*>(q + r * 20)[j];
+        s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+    }
+    return s;
+}
+PA_DEV float at4(const float4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+template <typename T, typename W>
+__global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_kernel(
+    const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, T* __restrict__ out,
+    const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv, const T* __restrict__ Csel,
+    const W* __restrict__ Cinv, const W* __restrict__ D, const W* __restrict__ delta_bias, int softplus_flag,
+    const W* __restrict__ h0, int h0_chunks, W* __restrict__ hend, W* __restrict__ pend, W* __restrict__ ckpt,
+    int nck, int dim, int dstate, long long seqlen, int groups, int vec, long long chunk_len) {
+    static_assert(sizeof(W) == 4, "the four-states-per-lane forward computes in float32");
+    constexpr int TT = 16, CPW = 8, CPB = CPW * FQ_WARPS, NTH = FQ_WARPS * 32;
+    constexpr int BCE = (16 * TT + NTH - 1) / NTH;  // elements of each of the B and C tiles per thread
+    __shared__ __align__(16) W s_x[CPB * FQ_XS];           // [channel][step]: (dt, dt u)
+    __shared__ __align__(16) W s_bc[2][TT * BQ_RS];        // [buffer][step]: B row, C row
+    __shared__ __align__(16) W s_y[FQ_WARPS * 32 * 20];    // [warp][lane][step]: the lane's part of y
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane / 4, j = lane % 4;
+    const int cb = warp * CPW + c, d = blockIdx.x * CPB + cb;  // dim is a multiple of CPB (the caller checks)
+    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z;
+    const long long t_begin = (long long)k * chunk_len;
+    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+    const size_t chan = (size_t)b * dim + d, row = chan * seqlen + 4 * j;  // this lane's steps: 4j .. 4j + 3 of a tile
+    const int g_blk = (int)(blockIdx.x * CPB) / (dim / groups);
+    const T* bblk = Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen;
+    const T* cblk = Csel + ((size_t)b * groups + g_blk) * dstate * seqlen;
+    const W bias = delta_bias ? delta_bias[d] : W(0), Dd = D ? D[d] : W(0);
+    W A2[4], h[4], prod[4];
+    const size_t hrow = (chan * h0_chunks + (h0_chunks == 1 ? 0 : k)) * dstate;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int n = 4 * j + i;
+        A2[i] = n < dstate ? A[(size_t)d * dstate + n] * W(1.4426950408889634) : W(0);
+        h[i] = (n < dstate && h0) ? h0[hrow + n] : W(0);
+        prod[i] = W(1);
+    }
+    W* xrow = s_x + cb * FQ_XS;
+    W* yrow = s_y + (warp * 32 + lane) * 20;
+    const bool vec_rows = vec != 0;
+
+    auto body = [&](auto with_out, auto with_prod) {
+        constexpr bool WO = decltype(with_out)::value, WP = decltype(with_prod)::value;
+        T rb[BCE], rc[BCE];
+        Row4<T> pu, pd, pz;  // the next tile, in flight
+        auto fetch = [&](long long tn) {
+            const int ntn = (int)(t_end - tn < TT ? t_end - tn : TT), nv = ntn - 4 * j;
+#pragma unroll
+            for (int r = 0; r < BCE; ++r) {
+                const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
+                const bool ok = e < 16 * TT && nn < dstate && tt < ntn;
+                rb[r] = ok ? bblk[(size_t)nn * seqlen + tn + tt] : T{};
+                if (WO) rc[r] = ok ? cblk[(size_t)nn * seqlen + tn + tt] : T{};
+            }
+            pu.load(u + row + tn, vec_rows, nv);
+            pd.load(delta + row + tn, vec_rows, nv);
+            if (WO && z) pz.load(z + row + tn, vec_rows, nv);
+        };
+        if (t_begin < t_end) fetch(t_begin);
+        int buf = 0;
+        for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
+            const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT), nv = nt - 4 * j;
+#pragma unroll
+            for (int r = 0; r < BCE; ++r) {
+                const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
+                if (e < 16 * TT) {
+                    s_bc[buf][tt * BQ_RS + nn] = widen(rb[r]);
+                    if (WO) s_bc[buf][tt * BQ_RS + 16 + nn] = widen(rc[r]);
+                }
+            }
+            W uu[4], dts[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const W v = pd.get(i) + bias;
+                uu[i] = pu.get(i);
+                W dt = v, unused;
+                if (softplus_flag) softplus_fast(v, dt, unused);
+                dts[i] = i < nv ? dt : W(0);  // a step past the end: Abar = 1, no input
+            }
+            Row4<T> zc = pz;
+            __syncthreads();  // this tile's B, C staged (double buffer: the readers of this buffer, two tiles ago, are done)
+            if (t0 + TT < t_end) fetch(t0 + TT);
+            __syncwarp();  // the previous tile's readers of the channel's row and of the y parts are done
+            reinterpret_cast<float4*>(xrow)[2 * j] = make_float4(dts[0], dts[0] * uu[0], dts[1], dts[1] * uu[1]);
+            reinterpret_cast<float4*>(xrow)[2 * j + 1] = make_float4(dts[2], dts[2] * uu[2], dts[3], dts[3] * uu[3]);
+            if (ckpt && t0 % CKPT_T == 0) {
+                W* ck = ckpt + (chan * nck + t0 / CKPT_T) * dstate + 4 * j;
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    if (4 * j + i < dstate) ck[i] = h[i];
+            }
+            __syncwarp();
+            float4 xr[TT / 2];  // the channel's (dt, dt u) of the tile: steps 2m, 2m + 1 in xr[m]
+#pragma unroll
+            for (int m = 0; m < TT / 2; ++m) xr[m] = reinterpret_cast<const float4*>(xrow)[m];
+            const W* bcj = s_bc[buf] + 4 * j;
+            W yp[TT];
+#pragma unroll
+            for (int kk = 0; kk < TT; ++kk) {
+                const W a = (kk & 1) ? xr[kk / 2].z : xr[kk / 2].x, x = (kk & 1) ? xr[kk / 2].w : xr[kk / 2].y;
+                const float4 bq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS);
+                const W bv[4] = {bq.x, bq.y, bq.z, bq.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const W abar = fexp2(a * A2[i]);
+                    h[i] = abar * h[i] + x * bv[i];
+                    if (WP) prod[i] *= abar;
+                }
+                if (WO) {
+                    const float4 cq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS + 16);
+                    yp[kk] = cq.x * h[0] + cq.y * h[1] + cq.z * h[2] + cq.w * h[3];
+                }
+            }
+            buf ^= 1;
+            if (WO) {  // y of this lane's 4 steps: the channel's 4 parts added, D u, the gate
+                put_row16(yrow, yp);
+                __syncwarp();
+                const float4 ys = sum_rows4(s_y + (warp * 32 + 4 * c) * 20, j);
+                W yv[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    yv[i] = at4(ys, i) + Dd * uu[i];
+                    if (z) {
+                        const W zz = zc.get(i);
+                        yv[i] *= zz * __fdividef(W(1), W(1) + fexp(-zz));
+                    }
+                }
+                Row4<T>::store(out + row + t0, yv, vec_rows, nv);
+            }
+        }
+    };
+    if (out) body(Flag<true>{}, Flag<false>{});
+    else if (pend) body(Flag<false>{}, Flag<true>{});
+    else body(Flag<false>{}, Flag<false>{});
+
+    const size_t o = (chan * K + k) * dstate + 4 * j;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (4 * j + i < dstate) {
+            if (hend) hend[o + i] = h[i];
+            if (pend) pend[o + i] = prod[i];
+        }
+    }
+}
