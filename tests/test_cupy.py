@@ -124,8 +124,9 @@ def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, np
 def test_benchmark_variants_compile(nvrtc, defines):
     """The benchmark's compile-time variants of the lanes kernels (B/C rows read from
     L1/L2 instead of shared memory, no register prefetch, other block shapes)."""
-    names = [n for n in cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16) if "lanes" in n or "pair" in n]
-    assert len(names) == 4
+    kinds = ("lanes", "pair", "quad")
+    names = [n for n in cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16) if any(k in n for k in kinds)]
+    assert len(names) == 6
     options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", *(f"-D{d}" for d in defines)]
     ok, log = nvrtc.compile(cupy_cuda.kernel_sources()["scan.cu"], "scan.cu", names, options)
     assert ok, log
