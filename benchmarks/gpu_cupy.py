@@ -53,6 +53,8 @@ VARIANTS = (
     ("bwd one state per lane (BW_PAIR=0)", {}, ("BW_PAIR=0",)),
     ("fwd two states per lane (FW_QUAD=0)", {}, ("FW_QUAD=0",)),
     ("fwd four states per lane, 8 blocks/SM (128 registers)", {}, ("FQ_MIN_BLOCKS=8",)),
+    ("fwd four states per lane, blocks of 4 warps, 3/SM", {}, ("FQ_WARPS=4", "FQ_MIN_BLOCKS=3")),
+    ("fwd four states per lane, blocks of 4 warps, 4/SM", {}, ("FQ_WARPS=4", "FQ_MIN_BLOCKS=4")),
     ("bwd two states per lane (BW_QUAD=0)", {}, ("BW_QUAD=0",)),
     ("bwd four states per lane, 3 blocks/SM (168 registers)", {}, ("BQ_MIN_BLOCKS=3",)),
     ("bwd two states per lane, 2 blocks/SM (128 registers)", {}, ("BP_MIN_BLOCKS=2",)),

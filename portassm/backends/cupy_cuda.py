@@ -455,11 +455,13 @@ class _Scan:
         if _options["chunk"] is not None:
             clen = -(-_options["chunk"] // FWD_TT) * FWD_TT
         elif self.quad and _options["min_threads"] is None:
-            # four states per lane: chunk below 8 warps a multiprocessor, to about 16
-            threads, floor = self.batch * self.dim * 4, 256 * _multiprocessors(u)
-            if threads >= floor or L < 512:
+            # four states per lane: below half a wave of blocks (FQ_MIN_BLOCKS a multiprocessor),
+            # as many chunks as fill one wave
+            blocks = self.batch * (self.dim // self.fq_cpb)
+            wave = _define_int("FQ_MIN_BLOCKS", 6) * _multiprocessors(u)
+            if 2 * blocks >= wave or L < 512:
                 return L, 1
-            K = min(max(2, 2 * floor // threads), L // 256)
+            K = min(max(2, wave // blocks), L // 256)
             per_chunk = -(-L // K)
             clen = -(-per_chunk // FWD_TT) * FWD_TT
         elif self.pair and _options["min_threads"] is None:
