@@ -378,7 +378,7 @@ class _Scan:
         )
         # or with four states per lane (4 lanes a channel, 8 channels a warp): mamba's
         # discretisation with B and C both selective, blocks of fq_cpb channels in one group
-        self.fq_cpb = 8 * _define_int("FQ_WARPS", 2)
+        self.fq_cpb = 8 * _define_int("FQ_WARPS", 4)
         self.quad = (
             self.pair
             and _define_int("FW_QUAD", FW_QUAD) != 0
@@ -458,7 +458,7 @@ class _Scan:
             # four states per lane: below half a wave of blocks (FQ_MIN_BLOCKS a multiprocessor),
             # as many chunks as fill one wave
             blocks = self.batch * (self.dim // self.fq_cpb)
-            wave = _define_int("FQ_MIN_BLOCKS", 6) * _multiprocessors(u)
+            wave = _define_int("FQ_MIN_BLOCKS", 3) * _multiprocessors(u)
             if 2 * blocks >= wave or L < 512:
                 return L, 1
             K = min(max(2, wave // blocks), L // 256)

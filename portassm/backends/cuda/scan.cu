@@ -2160,13 +2160,15 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
 // are added over the channel's lanes once a tile through shared memory, leaving each lane
 // its own 4 steps, where D u and the gate are applied.
 // Against two states per lane: about half the instructions per state update, and half
-// the warps (8 channels a warp instead of 4).
+// the warps (8 channels a warp instead of 4). Blocks of 4 warps (32 channels) at 3 a
+// multiprocessor (168 registers, no spills) measured faster than blocks of 2 warps at 6
+// or 8 (docs/backends/cupy.md): the staging of B and C is shared by more channels.
 // ---------------------------------------------------------------------------------
 #ifndef FQ_WARPS
-#define FQ_WARPS 2
+#define FQ_WARPS 4
 #endif
 #ifndef FQ_MIN_BLOCKS
-#define FQ_MIN_BLOCKS 6
+#define FQ_MIN_BLOCKS 3
 #endif
 #define FQ_XS 36  // words a channel's row of staged (dt, dt u) pairs: 16 steps, and 4 of padding
 
