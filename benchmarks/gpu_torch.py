@@ -188,6 +188,9 @@ _INVARIANT = [False]  # the sweep's diagnostic rows: time-invariant B, C
 
 #: the Gluon forward's variants (``--gluon-variants``), first size
 GLUON_VARIANTS = [
+    ("gluon, 2 warps (default)", {"fwd_kernel": "gluon", "gluon_warps": 2}),
+    ("gluon, 4 warps", {"fwd_kernel": "gluon", "gluon_warps": 4}),
+    ("gluon, 8 warps", {"fwd_kernel": "gluon", "gluon_warps": 8}),
     ("gluon, 8-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 8}),
     ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
