@@ -1938,6 +1938,54 @@ template <typename H> struct Row4h {  // bfloat16 or float16
 template <> struct Row4<bf16_t> : Row4h<bf16_t> {};
 template <> struct Row4<f16_t> : Row4h<f16_t> {};
 
+// The per-lane setup of the four-states-per-lane kernels: 4 lanes a channel, lane j
+// owning states 4j .. 4j + 3, 8 channels a warp, cpb channels a block (grid (dim / cpb,
+// batch, chunks); dim is a multiple of cpb, the caller checks); its chunk's steps, its row
+// of u, delta, z (... dout, du) from its first step of a tile (4j), its block's group's
+// rows of B and C, its channel's parameters and A log2(e) of its states (0 past dstate).
+template <typename T, typename W> struct QuadLane {
+    int warp, lane, c, j, cb, d, b, k, K;
+    long long t_begin, t_end;
+    size_t chan, row;
+    const T* bblk;
+    const T* cblk;
+    W bias, Dd, A2[4];
+    PA_DEV QuadLane(int cpb, const W* __restrict__ A, const T* __restrict__ Bsel, const T* __restrict__ Csel,
+                    const W* __restrict__ D, const W* __restrict__ delta_bias, int dim, int dstate, long long seqlen,
+                    int groups, long long chunk_len) {
+        warp = threadIdx.x / 32;
+        lane = threadIdx.x % 32;
+        c = lane / 4;
+        j = lane % 4;
+        cb = warp * 8 + c;
+        d = blockIdx.x * cpb + cb;
+        b = blockIdx.y;
+        k = blockIdx.z;
+        K = gridDim.z;
+        t_begin = (long long)k * chunk_len;
+        t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
+        chan = (size_t)b * dim + d;
+        row = chan * seqlen + 4 * j;
+        const int g_blk = (int)(blockIdx.x * cpb) / (dim / groups);
+        bblk = Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen;
+        cblk = Csel + ((size_t)b * groups + g_blk) * dstate * seqlen;
+        bias = delta_bias ? delta_bias[d] : W(0);
+        Dd = D ? D[d] : W(0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) A2[i] = 4 * j + i < dstate ? A[(size_t)d * dstate + 4 * j + i] * W(1.4426950408889634) : W(0);
+    }
+    // the lane's 4 states of row r of a (rows, dstate) array (0 past dstate, or without the array)
+    PA_DEV void load4(W (&v)[4], const W* __restrict__ p, size_t r, int dstate) const {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = (4 * j + i < dstate && p) ? p[r * dstate + 4 * j + i] : W(0);
+    }
+    PA_DEV void store4(W* __restrict__ p, size_t r, const W (&v)[4], int dstate) const {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (4 * j + i < dstate) p[r * dstate + 4 * j + i] = v[i];
+    }
+};
+
 template <typename T, typename W>
 __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_kernel(
     const T* __restrict__ dout, const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z,
@@ -1956,25 +2004,17 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
     __shared__ __align__(16) W s_bc[TT * BQ_RS];            // [step]: B row, C row
     __shared__ W s_w[BQ_WARPS * 32 * BQ_WS];                // [warp][lane][step]: dB or dC summed over the warp's channels
     PA_SHARED(s_dyn);  // [warp][step][lane ^ step / 4]: the lane's states before each step, then its sums over states
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane / 4, j = lane % 4;
-    const int cb = warp * CPW + c, d = blockIdx.x * CPB + cb;  // dim is a multiple of CPB (the caller checks)
-    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z, batch = gridDim.y;
-    const long long t_begin = (long long)k * chunk_len;
-    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
-    const size_t chan = (size_t)b * dim + d, row = chan * seqlen + 4 * j;  // this lane's steps: 4j .. 4j + 3 of a tile
-    const int g_blk = (int)(blockIdx.x * CPB) / (dim / groups);
-    const T* bblk = Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen;
-    const T* cblk = Csel + ((size_t)b * groups + g_blk) * dstate * seqlen;
-    const W bias = delta_bias ? delta_bias[d] : W(0), Dd = D ? D[d] : W(0);
-    W A2[4], g[4], dA[4];
-    const size_t grow = (chan * g0_chunks + (g0_chunks == 1 ? 0 : k)) * dstate;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int n = 4 * j + i;
-        A2[i] = n < dstate ? A[(size_t)d * dstate + n] * W(1.4426950408889634) : W(0);
-        g[i] = (n < dstate && g0) ? g0[grow + n] : W(0);
-        dA[i] = W(0);
-    }
+    const QuadLane<T, W> ln(CPB, A, Bsel, Csel, D, delta_bias, dim, dstate, seqlen, groups, chunk_len);
+    // (the lane's place from threadIdx here, not from ln: the butterfly's selects stay selects)
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane / 4, j = lane % 4, cb = ln.cb, b = ln.b, k = ln.k;
+    const int batch = gridDim.y;
+    const long long t_begin = ln.t_begin, t_end = ln.t_end;
+    const size_t chan = ln.chan, row = ln.row;  // this lane's steps: 4j .. 4j + 3 of a tile
+    const T *bblk = ln.bblk, *cblk = ln.cblk;
+    const W bias = ln.bias, Dd = ln.Dd;
+    const W(&A2)[4] = ln.A2;
+    W g[4], dA[4] = {W(0), W(0), W(0), W(0)};
+    ln.load4(g, g0, chan * g0_chunks + (g0_chunks == 1 ? 0 : k), dstate);
     float4* hw = reinterpret_cast<float4*>(s_dyn) + warp * TT * 32;  // step kk, lane l at hw[kk * 32 + (l ^ kk / 4)]
     const float4* sx4 = reinterpret_cast<const float4*>(s_x) + cb;   // step kk at sx4[kk * SXS]
     const W* bcj = s_bc + 4 * j;  // this lane's states of B at step kk: bcj[kk * BQ_RS], of C 16 words on
@@ -2010,9 +2050,7 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
         pd.load(delta + row + tl, vec_rows, nv);
         po.load(dout + row + tl, vec_rows, nv);
         if (z) pz.load(z + row + tl, vec_rows, nv);
-        const W* ck = ckpt + (chan * nck + tl / CKPT_T) * dstate + 4 * j;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pck[i] = 4 * j + i < dstate ? ck[i] : W(0);
+        ln.load4(pck, ckpt, chan * nck + tl / CKPT_T, dstate);
     };
     if (ntiles > 0) fetch(t_begin + (long long)(ntiles - 1) * TT);
     for (int it = ntiles - 1; it >= 0; --it) {
@@ -2129,19 +2167,13 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
         Row4<T>::store(ddelta + row + t0, vdd, vec_rows, nv);
         if (z) Row4<T>::store(dz + row + t0, vdz, vec_rows, nv);
     }
-    const size_t o = (chan * K + k) * dstate + 4 * j;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        if (4 * j + i < dstate) {
-            gout[o + i] = g[i];
-            dA_part[o + i] = dA[i];
-        }
-    }
+    ln.store4(gout, chan * ln.K + k, g, dstate);
+    ln.store4(dA_part, chan * ln.K + k, dA, dstate);
     dD_acc = lane_sum<4>(dD_acc);
     dbias_acc = lane_sum<4>(dbias_acc);
     if (j == 0) {
-        if (dD_part) dD_part[chan * K + k] = dD_acc;
-        if (dbias_part) dbias_part[chan * K + k] = dbias_acc;
+        if (dD_part) dD_part[chan * ln.K + k] = dD_acc;
+        if (dbias_part) dbias_part[chan * ln.K + k] = dbias_acc;
     }
 }
 
@@ -2202,25 +2234,15 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
     __shared__ __align__(16) W s_x[CPB * FQ_XS];           // [channel][step]: (dt, dt u)
     __shared__ __align__(16) W s_bc[2][TT * BQ_RS];        // [buffer][step]: B row, C row
     __shared__ __align__(16) W s_y[FQ_WARPS * 32 * 20];    // [warp][lane][step]: the lane's part of y
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane / 4, j = lane % 4;
-    const int cb = warp * CPW + c, d = blockIdx.x * CPB + cb;  // dim is a multiple of CPB (the caller checks)
-    const int b = blockIdx.y, k = blockIdx.z, K = gridDim.z;
-    const long long t_begin = (long long)k * chunk_len;
-    const long long t_end = t_begin + chunk_len < seqlen ? t_begin + chunk_len : seqlen;
-    const size_t chan = (size_t)b * dim + d, row = chan * seqlen + 4 * j;  // this lane's steps: 4j .. 4j + 3 of a tile
-    const int g_blk = (int)(blockIdx.x * CPB) / (dim / groups);
-    const T* bblk = Bsel + ((size_t)b * groups + g_blk) * dstate * seqlen;
-    const T* cblk = Csel + ((size_t)b * groups + g_blk) * dstate * seqlen;
-    const W bias = delta_bias ? delta_bias[d] : W(0), Dd = D ? D[d] : W(0);
-    W A2[4], h[4], prod[4];
-    const size_t hrow = (chan * h0_chunks + (h0_chunks == 1 ? 0 : k)) * dstate;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int n = 4 * j + i;
-        A2[i] = n < dstate ? A[(size_t)d * dstate + n] * W(1.4426950408889634) : W(0);
-        h[i] = (n < dstate && h0) ? h0[hrow + n] : W(0);
-        prod[i] = W(1);
-    }
+    const QuadLane<T, W> ln(CPB, A, Bsel, Csel, D, delta_bias, dim, dstate, seqlen, groups, chunk_len);
+    const int warp = ln.warp, lane = ln.lane, c = ln.c, j = ln.j, cb = ln.cb, k = ln.k;
+    const long long t_begin = ln.t_begin, t_end = ln.t_end;
+    const size_t chan = ln.chan, row = ln.row;  // this lane's steps: 4j .. 4j + 3 of a tile
+    const T *bblk = ln.bblk, *cblk = ln.cblk;
+    const W bias = ln.bias, Dd = ln.Dd;
+    const W(&A2)[4] = ln.A2;
+    W h[4], prod[4] = {W(1), W(1), W(1), W(1)};
+    ln.load4(h, h0, chan * h0_chunks + (h0_chunks == 1 ? 0 : k), dstate);
     W* xrow = s_x + cb * FQ_XS;
     W* yrow = s_y + (warp * 32 + lane) * 20;
     const bool vec_rows = vec != 0;
@@ -2269,12 +2291,7 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
             __syncwarp();  // the previous tile's readers of the channel's row and of the y parts are done
             reinterpret_cast<float4*>(xrow)[2 * j] = make_float4(dts[0], dts[0] * uu[0], dts[1], dts[1] * uu[1]);
             reinterpret_cast<float4*>(xrow)[2 * j + 1] = make_float4(dts[2], dts[2] * uu[2], dts[3], dts[3] * uu[3]);
-            if (ckpt && t0 % CKPT_T == 0) {
-                W* ck = ckpt + (chan * nck + t0 / CKPT_T) * dstate + 4 * j;
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-                    if (4 * j + i < dstate) ck[i] = h[i];
-            }
+            if (ckpt && t0 % CKPT_T == 0) ln.store4(ckpt, chan * nck + t0 / CKPT_T, h, dstate);
             __syncwarp();
             float4 xr[TT / 2];  // the channel's (dt, dt u) of the tile: steps 2m, 2m + 1 in xr[m]
 #pragma unroll
@@ -2319,12 +2336,6 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
     else if (pend) body(Flag<false>{}, Flag<true>{});
     else body(Flag<false>{}, Flag<false>{});
 
-    const size_t o = (chan * K + k) * dstate + 4 * j;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        if (4 * j + i < dstate) {
-            if (hend) hend[o + i] = h[i];
-            if (pend) pend[o + i] = prod[i];
-        }
-    }
+    if (hend) ln.store4(hend, chan * ln.K + k, h, dstate);
+    if (pend) ln.store4(pend, chan * ln.K + k, prod, dstate);
 }
