@@ -168,10 +168,11 @@ def cupy_backend():
 
 @gpu
 @pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
-def test_repeated_calls_are_bit_identical(cupy_backend, rng, chunk):
+@pytest.mark.parametrize("dim", [100, 64], ids=["two states a lane", "four states a lane"])
+def test_repeated_calls_are_bit_identical(cupy_backend, rng, chunk, dim):
     cp = cupy_cuda._cupy()
     cupy_cuda.configure(chunk=chunk)
-    case = make_case(rng, batch=3, dim=100, seqlen=300, dstate=16, form="grouped", groups=2).astype("float32")
+    case = make_case(rng, batch=3, dim=dim, seqlen=300, dstate=16, form="grouped", groups=2).astype("float32")
     args = case.kwargs(cp.asarray)
     dout = cp.asarray(rng.standard_normal(case.u.shape).astype(np.float32))
     first = portassm.scan(**args, return_last_state=True)
