@@ -451,3 +451,42 @@ def test_gradients_with_states_by_eights(use_numba, dtype, dstate, form, groups)
     for name, got, from_saved, ref in zip(case.ARRAYS, grads, saved, oracle_grads(case, dout, dlast)):
         assert rel_err(got, ref) <= TOLERANCE[dtype], name
         assert rel_err(from_saved, ref) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("seqlen", [1, 15, 17, 63, 64, 129])  # chunks cut inside a tile of 16 steps
+@pytest.mark.parametrize("options", [True, False])
+def test_gradients_with_states_by_eights_at_tile_edges(use_numba, dtype, seqlen, options):
+    # the vector adjoint moves each chunk's lane rows in 16 x 16 tiles: a last chunk that
+    # ends inside a tile, with and without z, D and delta_bias, and time-invariant C
+    rng = np.random.default_rng(seqlen * 2 + options)
+    case = make_case(rng, batch=1, dim=21, seqlen=seqlen, dstate=8, form="selective", options=options)
+    case = replace_case(case, C=rng.standard_normal((21, 8))).astype(dtype)
+    dout = rng.standard_normal(case.u.shape).astype(dtype)
+    dlast = rng.standard_normal((1, 21, 8)).astype(dtype)
+    _, vjp = portassm.scan_with_vjp(**case.kwargs())
+    saved = vjp(dout, dlast)
+    for name, got, ref in zip(case.ARRAYS, saved, oracle_grads(case, dout, dlast)):
+        if ref is None:
+            assert got is None, name
+        else:
+            assert rel_err(got, ref) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose16_moves_tiles_both_ways(dtype):
+    # rows (lanes, time) to time-major lane vectors and back, at tile offsets in both axes
+    @numba.njit
+    def run(src, dst, ts, r0, c0):
+        nk.transpose16(src, dst, ts, r0, c0)
+
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((3, 16, 64)).astype(dtype)
+    for k in (0, 16, 48):
+        tiles = np.full((3, 64, 16), np.nan, dtype)
+        run(rows, tiles, 2, 0, k)
+        np.testing.assert_array_equal(tiles[2, k:k + 16], rows[2, :, k:k + 16].T)
+        assert np.isnan(np.delete(tiles, np.s_[k:k + 16], axis=1)).all()  # nothing else written
+        back = np.full((3, 16, 64), np.nan, dtype)
+        run(tiles, back, 2, k, 0)
+        np.testing.assert_array_equal(back[2, :, k:k + 16], rows[2, :, k:k + 16])

@@ -41,8 +41,17 @@ sequence and keeps only the state at the start of every chunk of ``CHUNK`` steps
 in all); pass 2 walks the chunks backwards, recomputes the states of one chunk from its
 checkpoint (and y, needed for the gate's gradient), then runs the adjoint recurrence
 through it in reverse time. B's and C's gradients are sums over the channels of a group:
-each lane's share is reduced at the end of a chunk and added into a per-thread partial
+each lane's share is reduced over the lanes and added into a per-thread partial
 (``numba.get_thread_id``), summed over threads by the wrapper: no atomics, no races.
+
+The recurrences read every state of a step of a selective B and C at once, so the
+backward gets them time-major, (batch, groups, seqlen, dstate), one or two cache lines
+a step (its partial sums of dB and dC are time-major too). For mamba's discretisation
+with dstate a multiple of 8, each chunk's per-lane rows (Δ, Δu, dy) are turned into
+per-step lane vectors, and the adjoint's per-step outputs back into rows, by 16 x 16
+tile transposes, not one scalar at a time. The inputs of the chunk walked next are
+prefetched into L2 while the recompute runs: walked backwards in short pieces of many
+rows, they are streams the hardware prefetchers do not follow.
 """
 
 from __future__ import annotations
@@ -363,7 +372,7 @@ def _make_scan_bwd(method: int):
         dAl = np.zeros((nth, dstate, LANES), dt_)
         dBl = np.zeros((nth, dstate, LANES), dt_)  # time-invariant B and C: per-lane sums over time
         dCl = np.zeros((nth, dstate, LANES), dt_)
-        hs = np.empty((nth, CHUNK, dstate, LANES), dt_)  # the state before step tt of the chunk
+        hs = np.empty((nth, CHUNK + 1, dstate, LANES), dt_)  # the state before step tt of the chunk
         abars = np.empty((nth, CHUNK, dstate, LANES), dt_)
         dBc = np.empty((nth, CHUNK, dstate), dt_)  # this block's share of dB, dC over the chunk
         dCc = np.empty((nth, CHUNK, dstate), dt_)
@@ -377,7 +386,16 @@ def _make_scan_bwd(method: int):
         gzs = np.empty((nth, LANES, CHUNK), dt_)  # dz / y: dout times the derivative of z sigmoid(z)
         dua = np.empty((nth, LANES, CHUNK), dt_)
         ddt = np.empty((nth, LANES, CHUNK), dt_)
-        # the same at one step, as lane vectors
+        s1s = np.empty((nth, LANES, CHUNK), dt_)  # ``fused``: s1 and s2 of every step, back in rows
+        s2s = np.empty((nth, LANES, CHUNK), dt_)
+        # ``fused``: Δ, Δu, dy in, s1, s2, y out of the adjoint as per-step lane vectors (time-major)
+        dtT = np.empty((nth, CHUNK, LANES), dt_)
+        dulT = np.empty((nth, CHUNK, LANES), dt_)
+        dyT = np.empty((nth, CHUNK, LANES), dt_)
+        s1T = np.empty((nth, CHUNK, LANES), dt_)
+        s2T = np.empty((nth, CHUNK, LANES), dt_)
+        yT = np.empty((nth, CHUNK, LANES), dt_)
+        # the same at one step, as lane vectors (the general path)
         dtl = np.empty((nth, LANES), dt_)
         dul = np.empty((nth, LANES), dt_)
         ul = np.empty((nth, LANES), dt_)
@@ -386,8 +404,8 @@ def _make_scan_bwd(method: int):
         s1 = np.empty((nth, LANES), dt_)
         s2 = np.empty((nth, LANES), dt_)
         dDl = np.zeros((nth, LANES), dt_)
-        # mamba's adjoint in LLVM vectors, states 8 at a time; it also rebuilds the state
-        # after each step and makes y and dC from it, so the recompute only stores states
+        # mamba's adjoint in LLVM vectors, states 8 at a time; it also makes y and dC from the
+        # state after each step (the recompute's next row), so the recompute only stores states
         fused = method == nk.MAMBA and dstate % 8 == 0
         for job in prange(batch * nseg * nsub):
             tid = numba.get_thread_id()
@@ -426,7 +444,7 @@ def _make_scan_bwd(method: int):
                             dtl[ts, j] = dts[ts, j, tt]
                             dul[ts, j] = dus[ts, j, tt]
                         for n in range(dstate):
-                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                            bn = B[b, gb, t, n] if B.ndim == 4 else B[0, 0]
                             for j in range(LANES):
                                 abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
                                 bv = bn if B.ndim == 4 else bl[ts, n, j]
@@ -467,34 +485,57 @@ def _make_scan_bwd(method: int):
                         acc += dy * uu
                         dua[ts, j, tt] = Dd * dy
                     dDl[ts, j] += acc
-                # recompute the chunk's states from its checkpoint (unless ``fused``: y, and dC,
-                # which needs no adjoint, too); two loops, not a branch inside the lane loop,
-                # which would keep LLVM from vectorising it
+                # the rows of the chunk walked next (the one before; after the first, the
+                # last chunk of the next block) into L2, one lane a step of the recompute:
+                # walked backwards in 64-step pieces of 16 rows each, they are streams the
+                # hardware prefetchers do not follow, and all 320 lines at once stalled
+                pj = job if c > 0 else job + 1
+                pb, pd0, pnl, pt0, ptn = b, d0, 0, t0, tn
+                if pj < batch * nseg * nsub:
+                    pb, pd0, pnl, _, _ = _block(pj, nseg, nsub, segment, wb, wc)
+                    pt0 = (c - 1 if c > 0 else nchunks - 1) * CHUNK
+                    ptn = min(CHUNK, seqlen - pt0)
                 for n in range(dstate):
                     for j in range(lanes):
                         h[ts, n, j] = ckpt[job, c, n, j]
+                if fused:
+                    # Δ, Δu and dy of the chunk as per-step lane vectors (time-major rows)
+                    for k in range(0, tn, 16):
+                        nk.transpose16(dts, dtT, ts, 0, k)
+                        nk.transpose16(dus, dulT, ts, 0, k)
+                        nk.transpose16(dys, dyT, ts, 0, k)
+                # recompute the chunk's states from its checkpoint: the state before each step
+                # and Abar. ``fused``: the adjoint makes y and dC from the state after it;
+                # otherwise y and dC (which needs no adjoint) are made here
                 for tt in range(tn):
                     t = uint64(t0 + tt)
-                    for j in range(LANES):
-                        dtl[ts, j] = dts[ts, j, tt]
-                        dul[ts, j] = dus[ts, j, tt]
+                    if tt < pnl:
+                        for k in range(0, ptn + 15, 16):
+                            pt = uint64(pt0 + min(k, ptn - 1))
+                            nk.prefetch(u, (pb, pd0 + tt, pt))
+                            nk.prefetch(delta, (pb, pd0 + tt, pt))
+                            nk.prefetch(dout, (pb, pd0 + tt, pt))
+                            if has_z:
+                                nk.prefetch(z, (pb, pd0 + tt, pt))
                     if fused:
                         for n in range(dstate):
-                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
+                            bn = B[b, gb, t, n] if B.ndim == 4 else B[0, 0]
                             for j in range(LANES):
-                                abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
+                                abar, f = nk.coefficients(method, dtT[ts, tt, j], a_[ts, n, j], as_[ts, n, j])
                                 bv = bn if B.ndim == 4 else bl[ts, n, j]
                                 hp = h[ts, n, j]
                                 hs[ts, tt, n, j] = hp
                                 abars[ts, tt, n, j] = abar
-                                h[ts, n, j] = abar * hp + dul[ts, j] * f * bv
+                                h[ts, n, j] = abar * hp + dulT[ts, tt, j] * f * bv
                     else:
                         for j in range(LANES):
+                            dtl[ts, j] = dts[ts, j, tt]
+                            dul[ts, j] = dus[ts, j, tt]
                             yl[ts, j] = zero  # D u is added where y is used (dz)
                             dyl[ts, j] = dys[ts, j, tt]
                         for n in range(dstate):
-                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-                            cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
+                            bn = B[b, gb, t, n] if B.ndim == 4 else B[0, 0]
+                            cn = C[b, gc, t, n] if C.ndim == 4 else C[0, 0]
                             sum_c = zero
                             for j in range(LANES):
                                 abar, f = nk.coefficients(method, dtl[ts, j], a_[ts, n, j], as_[ts, n, j])
@@ -513,30 +554,44 @@ def _make_scan_bwd(method: int):
                             dCc[ts, tt, n] = sum_c
                         for j in range(LANES):
                             ys[ts, j, tt] = yl[ts, j]
-                # the adjoint, in reverse time. g is dL/dh after step tt; gv adds C dy.
-                # mamba (Abar = exp(Δ A), Bcoef = Δ): with q = Abar gv h_prev,
-                #   dΔ = Σ_n q A + u Σ_n gv B,  du += Δ Σ_n gv B,  dA += q Δ,  dB = Σ_lanes gv Δ u
-                for rt in range(tn):
-                    tt = uint64(tn - 1 - rt)  # reverse time; unsigned: see the module docstring
-                    t = uint64(t0 + tn - 1 - rt)
-                    for j in range(LANES):
-                        dv = dts[ts, j, tt]
-                        uv = us[ts, j, tt]
-                        dtl[ts, j] = dv
-                        ul[ts, j] = uv
-                        dul[ts, j] = dv * uv  # as dus, without its gather
-                        dyl[ts, j] = dys[ts, j, tt]
-                        s1[ts, j] = zero
-                        s2[ts, j] = zero
-                    if fused:
-                        nk.mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc,
-                                              dBl, dCc, dCl, ts, tt, b, gb, gc, t)
+                if fused:
+                    for n in range(dstate):  # the state after the last step, for the adjoint
                         for j in range(lanes):
-                            ys[ts, j, tt] = yl[ts, j]
-                    else:
+                            hs[ts, tn, n, j] = h[ts, n, j]
+                    # the adjoint in reverse time (nk.mamba_adjoint_step): s1 = Σ_n gv B,
+                    # s2 = Σ_n q A and y per step, time-major, then back to rows
+                    for rt in range(tn):
+                        tt = uint64(tn - 1 - rt)  # reverse time; unsigned: see the module docstring
+                        t = uint64(t0 + tn - 1 - rt)
+                        nk.mamba_adjoint_step(g, abars, hs, a_, dAl, B, C, bl, cl, dtT, dulT, dyT, s1T, s2T, yT,
+                                              dB_part, dBl, dC_part, dCl, ts, tt, tid, b, gb, gc, t)
+                    for k in range(0, tn, 16):
+                        nk.transpose16(s1T, s1s, ts, k, 0)
+                        nk.transpose16(s2T, s2s, ts, k, 0)
+                        nk.transpose16(yT, ys, ts, k, 0)
+                    # du = D dy + Δ s1, dΔ (before softplus') = s2 + u s1
+                    for j in range(lanes):
+                        for tt in range(tn):
+                            s1v = s1s[ts, j, tt]
+                            dua[ts, j, tt] += dts[ts, j, tt] * s1v
+                            ddt[ts, j, tt] = s2s[ts, j, tt] + us[ts, j, tt] * s1v
+                else:
+                    # the adjoint, in reverse time. g is dL/dh after step tt; gv adds C dy.
+                    # mamba (Abar = exp(Δ A), Bcoef = Δ): with q = Abar gv h_prev,
+                    #   dΔ = Σ_n q A + u Σ_n gv B,  du += Δ Σ_n gv B,  dA += q Δ,  dB = Σ_lanes gv Δ u
+                    # the others through the discretisation's partial derivatives (coefficient_grads)
+                    for rt in range(tn):
+                        tt = uint64(tn - 1 - rt)  # reverse time; unsigned: see the module docstring
+                        t = uint64(t0 + tn - 1 - rt)
+                        for j in range(LANES):
+                            dtl[ts, j] = dts[ts, j, tt]
+                            ul[ts, j] = us[ts, j, tt]
+                            dyl[ts, j] = dys[ts, j, tt]
+                            s1[ts, j] = zero
+                            s2[ts, j] = zero
                         for n in range(dstate):
-                            bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-                            cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
+                            bn = B[b, gb, t, n] if B.ndim == 4 else B[0, 0]
+                            cn = C[b, gc, t, n] if C.ndim == 4 else C[0, 0]
                             sum_b = zero
                             for j in range(lanes):
                                 dtv = dtl[ts, j]
@@ -552,7 +607,7 @@ def _make_scan_bwd(method: int):
                                     s1[ts, j] += gv * bv
                                     s2[ts, j] += q * an
                                     dAl[ts, n, j] += q * dtv
-                                    db = gv * dul[ts, j]
+                                    db = gv * dtv * ul[ts, j]
                                 else:
                                     f = nk.coefficients(method, dtv, an, as_[ts, n, j])[1]
                                     pa_dt, pa_da, pb_dt, pb_da = nk.coefficient_grads(method, dtv, an, abar, f)
@@ -568,26 +623,26 @@ def _make_scan_bwd(method: int):
                                 else:
                                     dBl[ts, n, j] += db
                             dBc[ts, tt, n] = sum_b
-                    for j in range(LANES):
-                        if method == nk.MAMBA:
-                            dua[ts, j, tt] += dtl[ts, j] * s1[ts, j]
-                            ddt[ts, j, tt] = s2[ts, j] + ul[ts, j] * s1[ts, j]
-                        else:
-                            dua[ts, j, tt] += s1[ts, j]
-                            ddt[ts, j, tt] = s2[ts, j]
+                        for j in range(LANES):
+                            if method == nk.MAMBA:
+                                dua[ts, j, tt] += dtl[ts, j] * s1[ts, j]
+                                ddt[ts, j, tt] = s2[ts, j] + ul[ts, j] * s1[ts, j]
+                            else:
+                                dua[ts, j, tt] += s1[ts, j]
+                                ddt[ts, j, tt] = s2[ts, j]
                 if has_z:
                     for j in range(nl):
                         Dd = D[d0 + j]
                         for tt in range(tn):
                             dz[b, d0 + j, uint64(t0 + tt)] = gzs[ts, j, tt] * (ys[ts, j, tt] + Dd * us[ts, j, tt])
-                if B.ndim == 4:
-                    for n in range(dstate):
-                        for tt in range(tn):
-                            dB_part[tid, b, gb, n, uint64(t0 + tt)] += dBc[ts, tt, n]
-                if C.ndim == 4:
-                    for n in range(dstate):
-                        for tt in range(tn):
-                            dC_part[tid, b, gc, n, uint64(t0 + tt)] += dCc[ts, tt, n]
+                if B.ndim == 4 and not fused:
+                    for tt in range(tn):
+                        for n in range(dstate):
+                            dB_part[tid, b, gb, uint64(t0 + tt), n] += dBc[ts, tt, n]
+                if C.ndim == 4 and not fused:
+                    for tt in range(tn):
+                        for n in range(dstate):
+                            dC_part[tid, b, gc, uint64(t0 + tt), n] += dCc[ts, tt, n]
                 for j in range(nl):
                     d = d0 + j
                     for tt in range(tn):
@@ -610,11 +665,31 @@ def _make_scan_bwd(method: int):
 _SCAN_BWD = {number: _make_scan_bwd(number) for number in (nk.MAMBA, nk.ZOH, nk.BILINEAR)}
 
 
+def _time_major(M: np.ndarray) -> np.ndarray:
+    """A selective B or C as (batch, groups, seqlen, dstate): the backward reads all states of a step at once.
+
+    In the API's layout (batch, groups, dstate, seqlen) the dstate values of one step lie
+    seqlen floats apart, on as many cache lines, which map to the same set of the L1 cache
+    when seqlen is a multiple of 1024; time-major they are one or two lines. A
+    time-invariant (dim, dstate) one is returned as it is.
+    """
+    return np.ascontiguousarray(np.swapaxes(M, 2, 3)) if M.ndim == 4 else M
+
+
 def _shared_grad_buffer(M: np.ndarray, batch: int, dim: int, ct: type) -> np.ndarray:
-    """Per-thread partial sums for a selective B or C gradient; per-(batch, channel) ones when time-invariant."""
+    """Per-thread partial sums for a selective B or C gradient, time-major as :func:`_time_major`;
+    per-(batch, channel) ones when time-invariant."""
     if M.ndim == 4:
-        return np.zeros((numba.config.NUMBA_NUM_THREADS, *M.shape), ct)
+        batch_, groups, dstate, seqlen = M.shape
+        return np.zeros((numba.config.NUMBA_NUM_THREADS, batch_, groups, seqlen, dstate), ct)
     return np.empty((1, batch, dim, M.shape[1]), ct)
+
+
+def _shared_grad(part: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """The gradient of B or C in M's layout from the partial sums of :func:`_shared_grad_buffer`."""
+    if M.ndim == 4:
+        return np.ascontiguousarray(np.swapaxes(part.sum(axis=0), 2, 3))
+    return part[0].sum(axis=0)
 
 
 def scan_bwd(
@@ -658,12 +733,12 @@ def scan_bwd(
     dh0 = np.empty((batch, dim, dstate), ct)
     _apply_threads()
     _SCAN_BWD[nk.METHOD_NUMBER[discretization]](
-        dout_, dlast, u_, delta_, A_, B_, C_, _per_channel(D_, dim, ct), _dummy_like(ct) if z_ is None else z_,
-        _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc, LANES,
+        dout_, dlast, u_, delta_, A_, _time_major(B_), _time_major(C_), _per_channel(D_, dim, ct),
+        _dummy_like(ct) if z_ is None else z_, _per_channel(bias_, dim, ct), h0, bool(delta_softplus), z_ is not None, segment, nsub, wb, wc, LANES,
         residuals is not None, ckpt, du, ddelta, dA_b, dB_part, dC_part, dD_b, dz, dh0, _scratch_slots(),
     )
-    dB = dB_part.sum(axis=0) if B_.ndim == 4 else dB_part[0].sum(axis=0)
-    dC = dC_part.sum(axis=0) if C_.ndim == 4 else dC_part[0].sum(axis=0)
+    dB = _shared_grad(dB_part, B_)
+    dC = _shared_grad(dC_part, C_)
     like = lambda grad, arg: None if arg is None else grad.astype(arg.dtype, copy=False)
     return (
         like(du, u), like(ddelta, delta), like(dA_b.sum(axis=0), A), like(dB, B), like(dC, C),

@@ -342,6 +342,38 @@ def elem_ptr(typingctx, arr, idx):
     return types.CPointer(arr.dtype)(arr, idx), codegen
 
 
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Asks the CPU to bring the cache line of ``arr[idx]`` into its L2 cache (no wraparound, no bounds check).
+
+    A hint: it loads nothing, faults on nothing, and changes no result. LLVM's
+    ``llvm.prefetch`` with locality 2 (x86 ``prefetcht1``), for data read some
+    microseconds later.
+    """
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.BaseTuple):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+
+        aryty, idxty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        inds = [
+            context.cast(builder, builder.extract_value(args[1], i), t, types.intp) for i, t in enumerate(idxty.types)
+        ]
+        p = cgutils.get_item_pointer(context, builder, aryty, ary, inds, wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        name = "llvm.prefetch.p0"
+        fn = builder.module.globals.get(name) or ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), name
+        )
+        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
 def _splat(builder, value, vty):
     undef = ir.Constant(vty, ir.Undefined)
     one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
@@ -584,17 +616,17 @@ def _lane_sums8(builder, rows):
     )
 
 
-def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, pB, sB, pC, sC, pdt, pdul, pdy,
+def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, phn, pa, pdA, pB, sB, pC, sC, pdt, pdul, pdy,
                       ps1, ps2, pdb, pdc, py, dstate):
     """Emits one reverse step of mamba's adjoint over 16 lanes (channels), float32.
 
     Per state n (rows of 16 lanes, ``n * 16`` floats from each row pointer):
     ``gv = g + C_n dy``, ``g = Abar gv``, ``q = g h_prev``, ``s1 += gv B_n``,
     ``s2 += q A``, ``dA += q Δ``, ``db = gv Δu``; and from the state after the step,
-    ``h = Abar h_prev + Δu B_n``: ``y += C_n h`` (stored at ``py``) and ``dc = h dy``.
+    h (``phn``; ``phs``: h_prev): ``y += C_n h`` (stored at ``py``) and ``dc = h dy``.
     A selective B_n or C_n is one float (``pB + n sB``), broadcast to the lanes; a
-    time-invariant one a row of 16 lanes. A selective dB (dC) stores Σ_lanes db (dc) for
-    every n at ``pdb + n`` (``pdc + n``; 8 states at a time, one transposed reduction); a
+    time-invariant one a row of 16 lanes. A selective dB (dC) adds Σ_lanes db (dc) for
+    every n to ``pdb[n]`` (``pdc[n]``; 8 states at a time, one transposed reduction); a
     time-invariant one adds db (dc) into the rows at ``pdb`` (``pdc``).
     ``dstate`` must be a multiple of 8.
     """
@@ -637,7 +669,7 @@ def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, 
             gn = builder.fmul(abar, gv)
             vstore(gn, pg, off)
             q = builder.fmul(gn, hp)
-            h = _fma(builder, abar, hp, builder.fmul(dul, bn))
+            h = vload(phn, off)
             y = _fma(builder, cn, h, y)
             dc = builder.fmul(h, dy)
             if selective_c:
@@ -653,9 +685,11 @@ def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, 
             else:
                 vstore(builder.fadd(vload(pdb, off), db), pdb, off)
         if selective_b:
-            builder.store(_lane_sums8(builder, dbs), vptr(pdb, n0, v8), align=4)
+            builder.store(builder.fadd(builder.load(vptr(pdb, n0, v8), align=4), _lane_sums8(builder, dbs)),
+                          vptr(pdb, n0, v8), align=4)
         if selective_c:
-            builder.store(_lane_sums8(builder, dcs), vptr(pdc, n0, v8), align=4)
+            builder.store(builder.fadd(builder.load(vptr(pdc, n0, v8), align=4), _lane_sums8(builder, dcs)),
+                          vptr(pdc, n0, v8), align=4)
         builder.store(s1, s1p)
         builder.store(s2, s2p)
         builder.store(y, yp)
@@ -664,60 +698,66 @@ def _emit_adjoint_f32(builder, selective_b, selective_c, pg, pab, phs, pa, pdA, 
     vstore(builder.load(yp), py, zero)
 
 
-def _adjoint_loops(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc, dBl, dCc, dCl, ts, tt, b, gb,
-                   gc, t):
+def _adjoint_loops(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dB_part, dBl, dC_part, dCl, ts, tt,
+                   tid, b, gb, gc, t):
     lanes = g.shape[2]
     zero = const(g[0, 0, 0], 0.0)
     for j in range(lanes):
-        s1[ts, j] = zero
-        s2[ts, j] = zero
-        yl[ts, j] = zero
+        s1[ts, tt, j] = zero
+        s2[ts, tt, j] = zero
+        yl[ts, tt, j] = zero
     for n in range(g.shape[1]):
-        bn = B[b, gb, n, t] if B.ndim == 4 else B[0, 0]
-        cn = C[b, gc, n, t] if C.ndim == 4 else C[0, 0]
+        bn = B[b, gb, t, n] if B.ndim == 4 else B[0, 0]
+        cn = C[b, gc, t, n] if C.ndim == 4 else C[0, 0]
         sum_b = zero
         sum_c = zero
         for j in range(lanes):
             bv = bn if B.ndim == 4 else bl[ts, n, j]
             cv = cn if C.ndim == 4 else cl[ts, n, j]
-            gv = g[ts, n, j] + cv * dyl[ts, j]
+            gv = g[ts, n, j] + cv * dyl[ts, tt, j]
             abar, hp = abars[ts, tt, n, j], hs[ts, tt, n, j]
             gn = abar * gv
             g[ts, n, j] = gn
             q = gn * hp
-            h = abar * hp + dul[ts, j] * bv
-            yl[ts, j] += cv * h
-            dc = h * dyl[ts, j]
+            h = hs[ts, tt + 1, n, j]
+            yl[ts, tt, j] += cv * h
+            dc = h * dyl[ts, tt, j]
             if C.ndim == 4:
                 sum_c += dc
             else:
                 dCl[ts, n, j] += dc
-            s1[ts, j] += gv * bv
-            s2[ts, j] += q * a_[ts, n, j]
-            dAl[ts, n, j] += q * dtl[ts, j]
-            db = gv * dul[ts, j]
+            s1[ts, tt, j] += gv * bv
+            s2[ts, tt, j] += q * a_[ts, n, j]
+            dAl[ts, n, j] += q * dtl[ts, tt, j]
+            db = gv * dul[ts, tt, j]
             if B.ndim == 4:
                 sum_b += db
             else:
                 dBl[ts, n, j] += db
-        dBc[ts, tt, n] = sum_b
-        dCc[ts, tt, n] = sum_c
+        if B.ndim == 4:
+            dB_part[tid, b, gb, t, n] += sum_b
+        if C.ndim == 4:
+            dC_part[tid, b, gc, t, n] += sum_c
 
 
 @intrinsic
-def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc, dBl, dCc, dCl,
-                       ts, tt, b, gb, gc, t):
-    """One reverse step ``tt`` of mamba's adjoint for the 16 lanes of thread slot ``ts`` (see ``scan_bwd``).
+def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dB_part, dBl,
+                       dC_part, dCl, ts, tt, tid, b, gb, gc, t):
+    """One reverse step ``tt`` (time ``t``) of mamba's adjoint for the 16 lanes of thread slot ``ts`` (see ``scan_bwd``).
 
-    Updates g and dA, writes the lane vectors s1 = Σ_n gv B, s2 = Σ_n q A and the
-    output before D and the gate, y = Σ_n C h (h: the state after the step, rebuilt
-    from the state before it), and dB and dC: ``dBc[ts, tt, n]`` (selective: summed
-    over lanes) or ``dBl[ts, n]`` (time-invariant), the same for dC.
+    The lane vectors of the step are time-major rows ``[ts, tt]`` of (slots, CHUNK, 16)
+    arrays: it reads Δ (``dtl``), Δu (``dul``) and dy (``dyl``) there, and writes there
+    s1 = Σ_n gv B, s2 = Σ_n q A and the output before D and the gate, y = Σ_n C h
+    (``yl``; h: the state after the step, ``hs[ts, tt + 1]``, the recompute's next row).
+    It updates g and dA, and adds dB and dC: a selective B, time-major
+    ``B[b, gb, t, n]``, gets Σ_lanes db added to ``dB_part[tid, b, gb, t, n]`` (the
+    thread's partial sum); a time-invariant one gets db added to ``dBl[ts, n]`` (per
+    lane); the same for C and dC.
     float32 with dstate a multiple of 8 (the caller's condition) is emitted into the
     calling kernel as LLVM vector code; float64 compiles the same as numba loops.
     """
-    sig = types.void(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dBc, dBl, dCc, dCl, ts, tt, b, gb,
-                     gc, t)
+    sig = types.void(g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul, dyl, s1, s2, yl, dB_part, dBl, dC_part, dCl, ts, tt,
+                     tid, b, gb, gc, t)
     vector = g.dtype == types.float32
 
     def codegen(context, builder, signature, args):
@@ -726,26 +766,78 @@ def mamba_adjoint_step(typingctx, g, abars, hs, a_, dAl, B, C, bl, cl, dtl, dul,
         if not vector:
             return context.compile_internal(builder, _adjoint_loops, signature, args)
         tys = signature.args
-        ts_, tt_, b_, gb_, gc_, t_ = _intp_args(context, builder, signature, args, 19)
+        ts_, tt_, tid_, b_, gb_, gc_, t_ = _intp_args(context, builder, signature, args, 19)
         intp = context.get_value_type(types.intp)
         zero = ir.Constant(intp, 0)
         ptr = lambda i, idx: _array_ptr(context, builder, tys[i], args[i], idx)
 
-        def last_extent(i):
-            return cgutils.unpack_tuple(builder, context.make_array(tys[i])(context, builder, args[i]).shape)[-1]
-
         selective_b, selective_c = tys[5].ndim == 4, tys[6].ndim == 4
-        pB, sB = (ptr(5, [b_, gb_, zero, t_]), last_extent(5)) if selective_b else (ptr(7, [ts_, zero, zero]), zero)
-        pC, sC = (ptr(6, [b_, gc_, zero, t_]), last_extent(6)) if selective_c else (ptr(8, [ts_, zero, zero]), zero)
-        pdb = ptr(15, [ts_, tt_, zero]) if selective_b else ptr(16, [ts_, zero, zero])
-        pdc = ptr(17, [ts_, tt_, zero]) if selective_c else ptr(18, [ts_, zero, zero])
+        one = ir.Constant(intp, 1)
+        pB, sB = (ptr(5, [b_, gb_, t_, zero]), one) if selective_b else (ptr(7, [ts_, zero, zero]), zero)
+        pC, sC = (ptr(6, [b_, gc_, t_, zero]), one) if selective_c else (ptr(8, [ts_, zero, zero]), zero)
+        pdb = ptr(15, [tid_, b_, gb_, t_, zero]) if selective_b else ptr(16, [ts_, zero, zero])
+        pdc = ptr(17, [tid_, b_, gc_, t_, zero]) if selective_c else ptr(18, [ts_, zero, zero])
         dstate = cgutils.unpack_tuple(builder, context.make_array(tys[0])(context, builder, args[0]).shape)[1]
         _emit_adjoint_f32(
             builder, selective_b, selective_c, ptr(0, [ts_, zero, zero]), ptr(1, [ts_, tt_, zero, zero]),
-            ptr(2, [ts_, tt_, zero, zero]), ptr(3, [ts_, zero, zero]), ptr(4, [ts_, zero, zero]), pB, sB, pC, sC,
-            ptr(9, [ts_, zero]), ptr(10, [ts_, zero]), ptr(11, [ts_, zero]), ptr(12, [ts_, zero]),
-            ptr(13, [ts_, zero]), pdb, pdc, ptr(14, [ts_, zero]), dstate,
+            ptr(2, [ts_, tt_, zero, zero]), ptr(2, [ts_, builder.add(tt_, ir.Constant(intp, 1)), zero, zero]),
+            ptr(3, [ts_, zero, zero]), ptr(4, [ts_, zero, zero]), pB, sB, pC, sC,
+            ptr(9, [ts_, tt_, zero]), ptr(10, [ts_, tt_, zero]), ptr(11, [ts_, tt_, zero]), ptr(12, [ts_, tt_, zero]),
+            ptr(13, [ts_, tt_, zero]), pdb, pdc, ptr(14, [ts_, tt_, zero]), dstate,
         )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# --------------------------------------------------------------------------- 16 x 16 transposes of scratch
+
+
+def _transpose16_loops(src, dst, ts, r0, c0):
+    for r in range(16):
+        for c in range(16):
+            dst[ts, c0 + c, r0 + r] = src[ts, r0 + r, c0 + c]
+
+
+@intrinsic
+def transpose16(typingctx, src, dst, ts, r0, c0):
+    """``dst[ts, c0 + c, r0 + r] = src[ts, r0 + r, c0 + c]`` for r, c < 16: a 16 x 16 tile, transposed.
+
+    It turns a chunk's per-lane rows (contiguous in time, what the elementwise passes
+    write) into per-step lane vectors (contiguous in lanes, what the recurrence reads),
+    and back: 16 vector loads, 4 x 16 two-vector shuffles, 16 vector stores, where
+    moving the 256 values one at a time costs 512 scalar operations and, when a vector
+    load follows the scalar stores of its lanes, a failed store-to-load forward. Each
+    shuffle stage swaps the off-diagonal b x b blocks of every 2b x 2b block (b = 8,
+    4, 2, 1). float32 is emitted as LLVM vector code; float64 compiles as loops.
+    """
+    sig = types.void(src, dst, ts, r0, c0)
+    vector = src.dtype == types.float32 and dst.dtype == types.float32
+
+    def codegen(context, builder, signature, args):
+        if not vector:
+            return context.compile_internal(builder, _transpose16_loops, signature, args)
+        tys = signature.args
+        ts_, r0_, c0_ = _intp_args(context, builder, signature, args, 2)
+        intp = context.get_value_type(types.intp)
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        i32v = ir.VectorType(ir.IntType(32), 16)
+
+        def row(i, first, second):
+            p = _array_ptr(context, builder, tys[i], args[i], [ts_, first, second])
+            return builder.bitcast(p, v16.as_pointer())
+
+        rows = [builder.load(row(0, builder.add(r0_, ir.Constant(intp, r)), c0_), align=4) for r in range(16)]
+        for b in (8, 4, 2, 1):
+            low = ir.Constant(i32v, [j if j & b == 0 else 16 + j - b for j in range(16)])
+            high = ir.Constant(i32v, [j + b if j & b == 0 else 16 + j for j in range(16)])
+            for i in range(16):
+                if i & b == 0:
+                    x, y = rows[i], rows[i + b]
+                    rows[i] = builder.shuffle_vector(x, y, low)
+                    rows[i + b] = builder.shuffle_vector(x, y, high)
+        for c in range(16):
+            builder.store(rows[c], row(1, builder.add(c0_, ir.Constant(intp, c)), r0_), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
