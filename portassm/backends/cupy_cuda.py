@@ -524,14 +524,18 @@ class _Scan:
         (32 slots of 16 bytes a step)."""
         return self.bq_warps * 16 * 32 * 16
 
+    def vec4(self, *rows) -> int:
+        """1 when the four-states-per-lane kernels may access 4 steps of each of these (batch, dim,
+        seqlen) arrays at once: seqlen a multiple of 4 and each array aligned to 4 elements."""
+        width = 4 * np.dtype(self.T).itemsize
+        return int(self.seqlen % 4 == 0 and all(a is None or a.data.ptr % width == 0 for a in rows))
+
     def forward(self, out, h0, h0_chunks, hend, pend, ckpt, nck=0, K=None):
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
         if self.quad:
             kernel = self.module.kernel(f"scan_fwd_quad_kernel<{self.storage},{self.compute}>", 0)
-            width = 4 * np.dtype(self.T).itemsize  # its vector accesses: 4 steps of a row
-            rows = (self.u, self.delta, self.z, out)
-            vec = int(self.seqlen % 4 == 0 and all(a is None or a.data.ptr % width == 0 for a in rows))
+            vec = self.vec4(self.u, self.delta, self.z, out)
             kernel(
                 (self.dim // self.fq_cpb, self.batch, K), (4 * self.fq_cpb,),
                 (
@@ -614,10 +618,7 @@ class _Scan:
             if pair and self.bw_quad:
                 cpb, lanes, smem = self.bq_cpb, 4, self.smem_quad
                 name = f"scan_bwd_quad_kernel<{self.storage},{self.compute}>"
-                # its vector accesses: 4 steps of a row of u, delta, z, dout and the gradients
-                width = 4 * np.dtype(self.T).itemsize
-                rows = (self.u, self.delta, self.z, dout, g["du"], g["ddelta"], g["dz"])
-                vec = int(self.seqlen % 4 == 0 and all(a is None or a.data.ptr % width == 0 for a in rows))
+                vec = self.vec4(self.u, self.delta, self.z, dout, g["du"], g["ddelta"], g["dz"])
             elif pair:
                 cpb, lanes, smem = self.bp_cpb, 8, self.smem_pair
                 name = f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>"
