@@ -323,23 +323,23 @@ def coefficient_grads(method, dt, a, abar, f):
 # ``<16 x float>`` value (two AVX2 registers), loaded, updated and stored without a loop.
 
 
+def _item_pointer(context, builder, signature, args):
+    """The LLVM pointer to ``arr[idx]`` of an intrinsic's (array, tuple of integers) arguments
+    (no wraparound, no bounds check)."""
+    from numba.core import cgutils
+
+    aryty, idxty = signature.args
+    ary = context.make_array(aryty)(context, builder, args[0])
+    inds = [context.cast(builder, builder.extract_value(args[1], i), t, types.intp) for i, t in enumerate(idxty.types)]
+    return cgutils.get_item_pointer(context, builder, aryty, ary, inds, wraparound=False)
+
+
 @intrinsic
 def elem_ptr(typingctx, arr, idx):
     """Pointer to ``arr[idx]`` (``idx`` a tuple of integers, no wraparound, no bounds check)."""
     if not isinstance(arr, types.Array) or not isinstance(idx, types.BaseTuple):
         return None
-
-    def codegen(context, builder, signature, args):
-        from numba.core import cgutils
-
-        aryty, idxty = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        inds = [
-            context.cast(builder, builder.extract_value(args[1], i), t, types.intp) for i, t in enumerate(idxty.types)
-        ]
-        return cgutils.get_item_pointer(context, builder, aryty, ary, inds, wraparound=False)
-
-    return types.CPointer(arr.dtype)(arr, idx), codegen
+    return types.CPointer(arr.dtype)(arr, idx), _item_pointer
 
 
 @intrinsic
@@ -354,14 +354,7 @@ def prefetch(typingctx, arr, idx):
         return None
 
     def codegen(context, builder, signature, args):
-        from numba.core import cgutils
-
-        aryty, idxty = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        inds = [
-            context.cast(builder, builder.extract_value(args[1], i), t, types.intp) for i, t in enumerate(idxty.types)
-        ]
-        p = cgutils.get_item_pointer(context, builder, aryty, ary, inds, wraparound=False)
+        p = _item_pointer(context, builder, signature, args)
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         name = "llvm.prefetch.p0"
