@@ -55,6 +55,7 @@ VARIANTS = (
     ("fwd four states per lane, blocks of 2 warps, 6/SM", {}, ("FQ_WARPS=2", "FQ_MIN_BLOCKS=6")),
     ("fwd four states per lane, blocks of 2 warps, 8/SM (128 registers)", {}, ("FQ_WARPS=2", "FQ_MIN_BLOCKS=8")),
     ("fwd four states per lane, 4/SM (128 registers)", {}, ("FQ_MIN_BLOCKS=4",)),
+    ("fwd four states per lane, B and C read by elements (FQ_VEC_BC=0)", {}, ("FQ_VEC_BC=0",)),
     ("bwd two states per lane (BW_QUAD=0)", {}, ("BW_QUAD=0",)),
     ("bwd four states per lane, 3 blocks/SM (168 registers)", {}, ("BQ_MIN_BLOCKS=3",)),
     ("bwd two states per lane, 2 blocks/SM (128 registers)", {}, ("BP_MIN_BLOCKS=2",)),

@@ -29,7 +29,7 @@ cd "$here" || exit 1
 sections=(--section LaunchStats --section Occupancy --section SpeedOfLight --section SchedulerStats
           --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats
           --section MemoryWorkloadAnalysis)
-ncu --clock-control none --target-processes all -k regex:'scan_(fwd|bwd)_(lanes|pair)_kernel' --launch-skip 3 \
+ncu --clock-control none --target-processes all -k regex:'scan_(fwd|bwd)_(lanes|pair|quad)_kernel' --launch-skip 3 \
   --launch-count 3 "${sections[@]}" --print-summary none -o "$outdir/ncu_cupy" -f python3 "$script" >/dev/null 2>&1
 status=$?
 ncu --import "$outdir/ncu_cupy.ncu-rep" --page details --print-details all >"$outdir/ncu_details.txt" 2>&1

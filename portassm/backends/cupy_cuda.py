@@ -535,7 +535,7 @@ class _Scan:
         K = self.K if K is None else K
         if self.quad:
             kernel = self.module.kernel(f"scan_fwd_quad_kernel<{self.storage},{self.compute}>", 0)
-            vec = self.vec4(self.u, self.delta, self.z, out)
+            vec = self.vec4(self.u, self.delta, self.z, out) | 2 * self.vec4(self.Bsel, self.Csel)
             kernel(
                 (self.dim // self.fq_cpb, self.batch, K), (4 * self.fq_cpb,),
                 (
@@ -619,6 +619,7 @@ class _Scan:
                 cpb, lanes, smem = self.bq_cpb, 4, self.smem_quad
                 name = f"scan_bwd_quad_kernel<{self.storage},{self.compute}>"
                 vec = self.vec4(self.u, self.delta, self.z, dout, g["du"], g["ddelta"], g["dz"])
+                vec |= 2 * self.vec4(self.Bsel, self.Csel)
             elif pair:
                 cpb, lanes, smem = self.bp_cpb, 8, self.smem_pair
                 name = f"scan_bwd_pair_kernel<{self.storage},{self.compute},{self.disc}>"

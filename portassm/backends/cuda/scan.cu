@@ -1938,6 +1938,41 @@ template <typename H> struct Row4h {  // bfloat16 or float16
 template <> struct Row4<bf16_t> : Row4h<bf16_t> {};
 template <> struct Row4<f16_t> : Row4h<f16_t> {};
 
+// The B and C tiles (16 steps) of the four-states-per-lane kernels, loaded in runs of 4
+// steps, one vector load a run: run e = threadIdx.x + r NTH is row e / 4 % 16 of B (e < 64)
+// or of C (without_c: none), steps 4 (e % 4) .. + 3; staged into a buffer of [step][B row,
+// C row] (BQ_RS words a step); rows past dstate and steps past the end are zeros.
+template <typename T, int NTH> struct BcRuns {
+    static constexpr int R = (128 + NTH - 1) / NTH;
+    const T* p[R];
+    bool ok[R];
+    int n;  // the runs of B and C: 128, or 64 without C
+    Row4<T> v[R];
+    PA_DEV BcRuns(const T* bblk, const T* cblk, int dstate, long long seqlen, bool with_c) : n(with_c ? 128 : 64) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int e = threadIdx.x + r * NTH, nn = e / 4 % 16;
+            ok[r] = e < n && nn < dstate;
+            p[r] = (e < 64 ? bblk : cblk) + (size_t)(ok[r] ? nn : 0) * seqlen + 4 * (e % 4);
+        }
+    }
+    // the tile from step tn, of which ntn steps are in the sequence (vec: 4 steps at once)
+    PA_DEV void load(long long tn, int ntn, bool vec) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) v[r].load(p[r] + tn, vec, ok[r] ? ntn - 4 * ((threadIdx.x + r * NTH) % 4) : 0);
+    }
+    template <typename W> PA_DEV void stage(W* s) const {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int e = threadIdx.x + r * NTH, col = e / 4 % 16 + (e < 64 ? 0 : 16), tt = 4 * (e % 4);
+            if (e < n) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s[(tt + i) * BQ_RS + col] = v[r].get(i);
+            }
+        }
+    }
+};
+
 // The per-lane setup of the four-states-per-lane kernels: 4 lanes a channel, lane j
 // owning states 4j .. 4j + 3, 8 channels a warp, cpb channels a block (grid (dim / cpb,
 // batch, chunks); dim is a multiple of cpb, the caller checks); its chunk's steps, its row
@@ -1998,7 +2033,7 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
     long long chunk_len) {
     static_assert(sizeof(W) == 4, "the four-states-per-lane backward computes in float32");
     constexpr int TT = 16, CPW = 8, CPB = CPW * BQ_WARPS, NTH = BQ_WARPS * 32, SXS = CPB + 1;
-    constexpr int BCE = 16 * TT / NTH, PARTS = 2 * 16 * TT / NTH;  // per thread: B (and C) tile elements, dB/dC sums
+    constexpr int PARTS = 2 * 16 * TT / NTH;  // dB/dC sums per thread
     static_assert(16 * TT % NTH == 0 && 2 * 16 * TT % NTH == 0, "BQ_WARPS must divide 8");
     __shared__ __align__(16) W s_x[TT * SXS * 4];           // [step][channel]: (dt, dt u, dy, u)
     __shared__ __align__(16) W s_bc[TT * BQ_RS];            // [step]: B row, C row
@@ -2031,21 +2066,15 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
         wdst[r] = (cc >> 2 ? dC_part : dB_part) + (((size_t)blockIdx.x * batch + b) * dstate + (n < dstate ? n : 0)) * seqlen + o % TT;
     }
     W dD_acc = W(0), dbias_acc = W(0);
-    const bool b2 = (c & 4) != 0, b1 = (c & 2) != 0, b0 = (c & 1) != 0, vec_rows = vec != 0;
+    const bool b2 = (c & 4) != 0, b1 = (c & 2) != 0, b0 = (c & 1) != 0, vec_rows = (vec & 1) != 0, vec_bc = (vec & 2) != 0;
 
     const int ntiles = (int)((t_end - t_begin + TT - 1) / TT);
-    T rb[BCE], rc[BCE];
-    Row4<T> pu, pd, po, pz;  // the next tile, in flight
+    BcRuns<T, NTH> bc(bblk, cblk, dstate, seqlen, true);  // the next tile, in flight
+    Row4<T> pu, pd, po, pz;
     W pck[4];
     auto fetch = [&](long long tl) {
         const int ntl = (int)(t_end - tl < TT ? t_end - tl : TT), nv = ntl - 4 * j;
-#pragma unroll
-        for (int r = 0; r < BCE; ++r) {
-            const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
-            const bool ok = nn < dstate && tt < ntl;
-            rb[r] = ok ? bblk[(size_t)nn * seqlen + tl + tt] : T{};
-            rc[r] = ok ? cblk[(size_t)nn * seqlen + tl + tt] : T{};
-        }
+        bc.load(tl, ntl, vec_bc);
         pu.load(u + row + tl, vec_rows, nv);
         pd.load(delta + row + tl, vec_rows, nv);
         po.load(dout + row + tl, vec_rows, nv);
@@ -2056,12 +2085,7 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
     for (int it = ntiles - 1; it >= 0; --it) {
         const long long t0 = t_begin + (long long)it * TT;
         const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT), nv = nt - 4 * j;
-#pragma unroll
-        for (int r = 0; r < BCE; ++r) {
-            const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
-            s_bc[tt * BQ_RS + nn] = widen(rb[r]);
-            s_bc[tt * BQ_RS + 16 + nn] = widen(rc[r]);
-        }
+        bc.stage(s_bc);
         // this lane's 4 steps: dt (softplus), its derivative, dy = dout * silu(z), and dz / (y + D u)
         W dsp[4], dzy[4], uu[4], dts[4], dys[4];
 #pragma unroll
@@ -2186,8 +2210,10 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
 // tile ahead), computes dt (softplus) and dt u there and stages them in its channel's row
 // of shared memory; every lane of the channel then holds the whole row of the tile in
 // registers (8 16-byte reads), so a step's dt and dt u are registers picked at compile
-// time. B and C rows are staged once for the block as [step][B row, C row] (double
-// buffered) and read as one 16-byte word a lane and step. A step of a lane: 4 multiplies,
+// time. B and C rows are loaded in runs of 4 steps (one vector load a thread and tile at 4
+// warps), staged once for the block as [step][B row, C row] (double buffered) and read as
+// one 16-byte word a lane and step. vec: bit 0, the rows of u, delta, z, out may be read 4
+// steps at once; bit 1, those of B and C. A step of a lane: 4 multiplies,
 // 4 ex2, 4 multiply-adds for the states, 4 for its part of C h; the 4 parts of each step
 // are added over the channel's lanes once a tile through shared memory, leaving each lane
 // its own 4 steps, where D u and the gate are applied.
@@ -2201,6 +2227,9 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
 #endif
 #ifndef FQ_MIN_BLOCKS
 #define FQ_MIN_BLOCKS 3
+#endif
+#ifndef FQ_VEC_BC
+#define FQ_VEC_BC 1  // 0: B and C read one element at a time even where 4 steps at once may be
 #endif
 #define FQ_XS 36  // words a channel's row of staged (dt, dt u) pairs: 16 steps, and 4 of padding
 
@@ -2230,7 +2259,6 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
     int nck, int dim, int dstate, long long seqlen, int groups, int vec, long long chunk_len) {
     static_assert(sizeof(W) == 4, "the four-states-per-lane forward computes in float32");
     constexpr int TT = 16, CPW = 8, CPB = CPW * FQ_WARPS, NTH = FQ_WARPS * 32;
-    constexpr int BCE = (16 * TT + NTH - 1) / NTH;  // elements of each of the B and C tiles per thread
     __shared__ __align__(16) W s_x[CPB * FQ_XS];           // [channel][step]: (dt, dt u)
     __shared__ __align__(16) W s_bc[2][TT * BQ_RS];        // [buffer][step]: B row, C row
     __shared__ __align__(16) W s_y[FQ_WARPS * 32 * 20];    // [warp][lane][step]: the lane's part of y
@@ -2245,21 +2273,15 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
     ln.load4(h, h0, chan * h0_chunks + (h0_chunks == 1 ? 0 : k), dstate);
     W* xrow = s_x + cb * FQ_XS;
     W* yrow = s_y + (warp * 32 + lane) * 20;
-    const bool vec_rows = vec != 0;
+    const bool vec_rows = (vec & 1) != 0, vec_bc = FQ_VEC_BC && (vec & 2) != 0;  // 4 steps of the rows / of B, C at once
 
     auto body = [&](auto with_out, auto with_prod) {
         constexpr bool WO = decltype(with_out)::value, WP = decltype(with_prod)::value;
-        T rb[BCE], rc[BCE];
-        Row4<T> pu, pd, pz;  // the next tile, in flight
+        BcRuns<T, NTH> bc(bblk, cblk, dstate, seqlen, WO);  // the next tile of B, C, in flight
+        Row4<T> pu, pd, pz;                                   // and of the channel's rows
         auto fetch = [&](long long tn) {
             const int ntn = (int)(t_end - tn < TT ? t_end - tn : TT), nv = ntn - 4 * j;
-#pragma unroll
-            for (int r = 0; r < BCE; ++r) {
-                const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
-                const bool ok = e < 16 * TT && nn < dstate && tt < ntn;
-                rb[r] = ok ? bblk[(size_t)nn * seqlen + tn + tt] : T{};
-                if (WO) rc[r] = ok ? cblk[(size_t)nn * seqlen + tn + tt] : T{};
-            }
+            bc.load(tn, ntn, vec_bc);
             pu.load(u + row + tn, vec_rows, nv);
             pd.load(delta + row + tn, vec_rows, nv);
             if (WO && z) pz.load(z + row + tn, vec_rows, nv);
@@ -2268,14 +2290,7 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
         int buf = 0;
         for (long long t0 = t_begin; t0 < t_end; t0 += TT) {
             const int nt = (int)(t_end - t0 < TT ? t_end - t0 : TT), nv = nt - 4 * j;
-#pragma unroll
-            for (int r = 0; r < BCE; ++r) {
-                const int e = threadIdx.x + r * NTH, nn = e / TT, tt = e % TT;
-                if (e < 16 * TT) {
-                    s_bc[buf][tt * BQ_RS + nn] = widen(rb[r]);
-                    if (WO) s_bc[buf][tt * BQ_RS + 16 + nn] = widen(rc[r]);
-                }
-            }
+            bc.stage(s_bc[buf]);
             W uu[4], dts[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
@@ -2325,7 +2340,7 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
                     yv[i] = at4(ys, i) + Dd * uu[i];
                     if (z) {
                         const W zz = zc.get(i);
-                        yv[i] *= zz * __fdividef(W(1), W(1) + fexp(-zz));
+                        yv[i] *= zz * __fdividef(W(1), W(1) + fexp2(zz * W(-1.4426950408889634)));
                     }
                 }
                 Row4<T>::store(out + row + t0, yv, vec_rows, nv);
