@@ -120,6 +120,7 @@ def test_kernels_compile_with_nvrtc_for_sm90(nvrtc, source, storage, compute, np
     ("LS_BC_SMEM=0", "BW_BC_SMEM=0"), ("LS_PREFETCH=0", "BW_PREFETCH=0"), ("LS_WARPS=4", "LS_MIN_BLOCKS=8"),
     ("BW_WARPS=8", "BW_MIN_BLOCKS=2"), ("LP_WARPS=4", "LP_MIN_BLOCKS=6"), ("BP_MIN_BLOCKS=2",),
     ("BP_WARPS=4", "BP_MIN_BLOCKS=6"), ("FQ_WARPS=2", "FQ_MIN_BLOCKS=8", "BQ_MIN_BLOCKS=3"),
+    ("FQ_LEAN=1", "FQ_MIN_BLOCKS=5", "FQ_VEC_BC=0"), ("FQ_WARPS=8", "FQ_MIN_BLOCKS=2"),
 ])
 def test_benchmark_variants_compile(nvrtc, defines):
     """The benchmark's compile-time variants of the lanes kernels (B/C rows read from

@@ -2228,6 +2228,9 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
 #ifndef FQ_MIN_BLOCKS
 #define FQ_MIN_BLOCKS 3
 #endif
+#ifndef FQ_LEAN
+#define FQ_LEAN 0  // 1: the tile's row of (dt, dt u) and y's parts not held whole in registers
+#endif
 #ifndef FQ_VEC_BC
 #define FQ_VEC_BC 1  // 0: B and C read one element at a time even where 4 steps at once may be
 #endif
@@ -2308,14 +2311,25 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
             reinterpret_cast<float4*>(xrow)[2 * j + 1] = make_float4(dts[2], dts[2] * uu[2], dts[3], dts[3] * uu[3]);
             if (ckpt && t0 % CKPT_T == 0) ln.store4(ckpt, chan * nck + t0 / CKPT_T, h, dstate);
             __syncwarp();
+            const W* bcj = s_bc[buf] + 4 * j;
+#if FQ_LEAN
+            // registers for 2 steps of the row and 4 of y: read a pair of steps' (dt, dt u) as
+            // they come, y's parts written every 4 steps (fewer registers, more blocks)
+            float4 xk, yq;
+#else
             float4 xr[TT / 2];  // the channel's (dt, dt u) of the tile: steps 2m, 2m + 1 in xr[m]
 #pragma unroll
             for (int m = 0; m < TT / 2; ++m) xr[m] = reinterpret_cast<const float4*>(xrow)[m];
-            const W* bcj = s_bc[buf] + 4 * j;
             W yp[TT];
+#endif
 #pragma unroll
             for (int kk = 0; kk < TT; ++kk) {
-                const W a = (kk & 1) ? xr[kk / 2].z : xr[kk / 2].x, x = (kk & 1) ? xr[kk / 2].w : xr[kk / 2].y;
+#if FQ_LEAN
+                if (!(kk & 1)) xk = reinterpret_cast<const float4*>(xrow)[kk / 2];
+#else
+                const float4& xk = xr[kk / 2];
+#endif
+                const W a = (kk & 1) ? xk.z : xk.x, x = (kk & 1) ? xk.w : xk.y;
                 const float4 bq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS);
                 const W bv[4] = {bq.x, bq.y, bq.z, bq.w};
 #pragma unroll
@@ -2326,12 +2340,20 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
                 }
                 if (WO) {
                     const float4 cq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS + 16);
-                    yp[kk] = cq.x * h[0] + cq.y * h[1] + cq.z * h[2] + cq.w * h[3];
+                    const W yk = cq.x * h[0] + cq.y * h[1] + cq.z * h[2] + cq.w * h[3];
+#if FQ_LEAN
+                    (kk % 4 == 0 ? yq.x : kk % 4 == 1 ? yq.y : kk % 4 == 2 ? yq.z : yq.w) = yk;
+                    if (kk % 4 == 3) reinterpret_cast<float4*>(yrow)[kk / 4] = yq;
+#else
+                    yp[kk] = yk;
+#endif
                 }
             }
             buf ^= 1;
             if (WO) {  // y of this lane's 4 steps: the channel's 4 parts added, D u, the gate
+#if !FQ_LEAN
                 put_row16(yrow, yp);
+#endif
                 __syncwarp();
                 const float4 ys = sum_rows4(s_y + (warp * 32 + 4 * c) * 20, j);
                 W yv[4];
