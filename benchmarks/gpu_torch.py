@@ -194,6 +194,8 @@ GLUON_VARIANTS = [
     ("gluon, 8-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 8}),
     ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
+    ("gluon, 104 registers (18 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 104}),
+    ("gluon, 96 registers (20 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 96}),
 ]
 
 
@@ -251,7 +253,7 @@ def jobs_of(which, sweep, gluon=False, gluon_variants=False, bwd=False):
         kernels += ({"fwd_kernel": "gluon", "gluon_warps": 2},)
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for k in kernels]
     if gluon_variants:
-        jobs += [("scan", opts, 0, d, False) for _, opts in GLUON_VARIANTS for d in DTYPES]
+        jobs += [("scan", opts, i, d, False) for i in which for _, opts in GLUON_VARIANTS for d in DTYPES]
     if bwd:
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for _, k in BWD_KERNELS]
     return jobs
@@ -264,7 +266,7 @@ def gluon_compare(which, quick, variants):
     rows = [(SIZES[i], d, name, opts, False) for i in which for d in DTYPES for name, opts in kernels]
     rows += [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in kernels]
     if variants:
-        rows += [(SIZES[0], d, name, opts, False) for name, opts in GLUON_VARIANTS for d in DTYPES]
+        rows += [(SIZES[i], d, name, opts, False) for i in which for name, opts in GLUON_VARIANTS for d in DTYPES]
     return compare(rows, quick, "forward")
 
 

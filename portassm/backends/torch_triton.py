@@ -57,6 +57,7 @@ _options: dict[str, Any] = {
     # the Triton forward
     "gluon_warps": 2,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
     "gluon_steps": 16,  # tile length of the Gluon forward
+    "gluon_maxnreg": None,  # register cap of the Gluon forward (None: the compiler's choice)
     "bwd_maxnreg": None,  # register cap of the backward kernel
     "bwd_kernel": "gluon",  # "gluon": the Gluon backward where it applies (CUDA tensors, mamba's discretisation,
     # selective B and C, float32 compute, dstate 16 after padding); "triton": always the Triton backward
@@ -75,7 +76,7 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
+    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
     ``gluon_bwd_maxnreg``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
@@ -461,6 +462,8 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
             num_warps=lay["warps"],
             **gluon,
         )
+        if _options["gluon_maxnreg"]:
+            common["maxnreg"] = _options["gluon_maxnreg"]
         bc = (packed,)
     pointers = (
         u,
