@@ -20,7 +20,8 @@ every configuration the run will time in N processes first: Triton's disk cache 
 the timed runs, so compiling stays out of the numbers and off the critical path),
 ``--only-precompile``, ``--gluon`` (the Gluon forward with 1 and 2 warps a program beside the Triton
 one at each size and dtype: forward, then forward+backward through autograd),
-``--gluon-variants`` (its warps, tile length and prefetch distance at the first size),
+``--gluon-variants`` (its warps, tile length, prefetch distance and register cap at each size of
+``--sizes``; ``--only a|b`` keeps those whose label contains a or b),
 ``--bwd`` (forward+backward with the Triton backward and the Gluon one, 2 and 4 warps a program).
 """
 
@@ -243,7 +244,13 @@ def precompile(jobs, workers):
     print(f"precompiled {len(jobs)} configurations in {time.time() - t0:.0f} s ({failed} failed)", flush=True)
 
 
-def jobs_of(which, sweep, gluon=False, gluon_variants=False, bwd=False):
+def gluon_variants(only=""):
+    """GLUON_VARIANTS whose label contains one of the |-separated parts of ``only`` (all when empty)."""
+    parts = [p for p in only.split("|") if p] or [""]
+    return [v for v in GLUON_VARIANTS if any(p in v[0] for p in parts)]
+
+
+def jobs_of(which, sweep, gluon=False, gluon_variants=(), bwd=False):
     jobs = [("step", {}, -1, "float32", False)]
     jobs += [("scan", {}, i, d, True) for i in which for d in DTYPES]
     if sweep:
@@ -252,21 +259,20 @@ def jobs_of(which, sweep, gluon=False, gluon_variants=False, bwd=False):
         kernels = ({"fwd_kernel": "triton"}, {"fwd_kernel": "gluon", "gluon_warps": 1})
         kernels += ({"fwd_kernel": "gluon", "gluon_warps": 2},)
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for k in kernels]
-    if gluon_variants:
-        jobs += [("scan", opts, i, d, False) for i in which for _, opts in GLUON_VARIANTS for d in DTYPES]
+    jobs += [("scan", opts, i, d, False) for i in which for _, opts in gluon_variants for d in DTYPES]
     if bwd:
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for _, k in BWD_KERNELS]
     return jobs
 
 
-def gluon_compare(which, quick, variants):
+def gluon_compare(which, quick, variants, variant_sizes=(0,)):
     """The Triton and the Gluon forward side by side (same run), then fwd+bwd with each forward."""
     kernels = [("triton", {"fwd_kernel": "triton"}), ("gluon, 1 warp", {"fwd_kernel": "gluon", "gluon_warps": 1})]
     kernels += [("gluon, 2 warps", {"fwd_kernel": "gluon", "gluon_warps": 2})]
     rows = [(SIZES[i], d, name, opts, False) for i in which for d in DTYPES for name, opts in kernels]
     rows += [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in kernels]
     if variants:
-        rows += [(SIZES[i], d, name, opts, False) for i in which for name, opts in GLUON_VARIANTS for d in DTYPES]
+        rows += [(SIZES[i], d, name, opts, False) for i in variant_sizes for name, opts in variants for d in DTYPES]
     return compare(rows, quick, "forward")
 
 
@@ -415,13 +421,14 @@ def main():
     parser.add_argument("--precompile", type=int, default=0, metavar="N", help="compile in N processes first")
     parser.add_argument("--only-precompile", action="store_true")
     parser.add_argument("--gluon", action="store_true", help="only the Gluon forward beside the Triton one")
-    parser.add_argument("--gluon-variants", action="store_true")
+    parser.add_argument("--gluon-variants", action="store_true", help="the Gluon forward's variants at each size asked")
+    parser.add_argument("--only", default="", help="with --gluon-variants: only those whose label contains this (several: a|b)")
     parser.add_argument("--bwd", action="store_true", help="only the Gluon backward beside the Triton one")
     args = parser.parse_args()
     which = [int(i) for i in args.sizes.split(",") if i]
     if args.precompile:
         gl_jobs = args.gluon or args.gluon_variants or args.bwd
-        jobs = jobs_of(which, args.sweep, args.gluon, args.gluon_variants, args.bwd)
+        jobs = jobs_of(which, args.sweep, args.gluon, gluon_variants(args.only) if args.gluon_variants else [], args.bwd)
         if gl_jobs:  # the Gluon comparison times no decode step and no default fwd+bwd
             jobs = [j for j in jobs if j[0] == "scan"]
         precompile(jobs, args.precompile)
@@ -432,7 +439,8 @@ def main():
         if args.bwd:
             lines, name = bwd_compare(which, args.quick), "torch_bwd.md"
         else:
-            lines, name = gluon_compare(which if args.gluon else [], args.quick, args.gluon_variants), "torch_gluon.md"
+            variants = gluon_variants(args.only) if args.gluon_variants else []
+            lines, name = gluon_compare(which if args.gluon else [], args.quick, variants, which), "torch_gluon.md"
         print()
         print("\n".join(lines), flush=True)
         write("\n".join(lines), name)
