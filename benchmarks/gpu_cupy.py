@@ -56,9 +56,9 @@ VARIANTS = (
     ("fwd four states per lane, blocks of 2 warps, 8/SM (128 registers)", {}, ("FQ_WARPS=2", "FQ_MIN_BLOCKS=8")),
     ("fwd four states per lane, 4/SM (128 registers)", {}, ("FQ_MIN_BLOCKS=4",)),
     ("fwd four states per lane, B and C read by elements (FQ_VEC_BC=0)", {}, ("FQ_VEC_BC=0",)),
-    ("fwd four states per lane, lean registers (FQ_LEAN=1)", {}, ("FQ_LEAN=1",)),
-    ("fwd four states per lane, lean registers, 4/SM", {}, ("FQ_LEAN=1", "FQ_MIN_BLOCKS=4")),
-    ("fwd four states per lane, lean registers, 5/SM (96 registers)", {}, ("FQ_LEAN=1", "FQ_MIN_BLOCKS=5")),
+    ("fwd four states per lane, the lean loop at 3/SM (FQ_LEAN=1)", {}, ("FQ_LEAN=1",)),
+    ("fwd four states per lane, 3/SM at every size (quad_wide=False)", {"quad_wide": False}, ()),
+    ("fwd four states per lane, lean at 5/SM at every size (quad_wide=True)", {"quad_wide": True}, ()),
     ("bwd two states per lane (BW_QUAD=0)", {}, ("BW_QUAD=0",)),
     ("bwd four states per lane, 3 blocks/SM (168 registers)", {}, ("BQ_MIN_BLOCKS=3",)),
     ("bwd two states per lane, 2 blocks/SM (128 registers)", {}, ("BP_MIN_BLOCKS=2",)),
@@ -350,7 +350,7 @@ def main() -> int:
             cupy_cuda._defines = ()
             reference = scan_results(cp, portassm, *inputs) if args.variants else None
             for label, opts, defines in variants:
-                cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
+                cupy_cuda.configure(chunk=None, min_threads=None, layout=None, quad_wide=None)
                 cupy_cuda.configure(**opts)
                 cupy_cuda._defines = defines
                 try:
@@ -361,7 +361,7 @@ def main() -> int:
                     continue
                 finally:
                     cupy_cuda._defines = ()
-                    cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
+                    cupy_cuda.configure(chunk=None, min_threads=None, layout=None, quad_wide=None)
                 off_f, off_fb = OFFICIAL[size][name]
                 rows.append((size, name, label, f_ms, fb_ms, wv_ms, diff, fs_ms, wvs_ms))
                 print(f"{size} {name} {label:52s}: fwd {f_ms:.3f} ms ({f_ms / off_f:.2f}x), scan+scan_vjp {fb_ms:.3f} "

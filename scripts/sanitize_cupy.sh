@@ -66,6 +66,12 @@ for defines in (("LS_PAIR=0", "BW_QUAD=0"), ("FW_QUAD=0",)):
         run(2, 12, 70, 16, (2, 3, 16, 70), "float32", chunk, "bilinear")
 cupy_cuda._defines = ()
 cupy_cuda.configure(layout=None)
+# the four-states-per-lane forward's lean instance (5 blocks a multiprocessor), forced
+cupy_cuda.configure(quad_wide=True)
+for chunk in (None, 32):
+    run(2, 64, 72, 16, (2, 2, 16, 72), "float32", chunk)
+    run(2, 64, 70, 13, (2, 2, 13, 70), "float32", chunk)
+cupy_cuda.configure(quad_wide=None)
 try:
     import ml_dtypes
     run(2, 64, 70, 16, (2, 16, 70), ml_dtypes.bfloat16, None)

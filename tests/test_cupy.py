@@ -127,11 +127,23 @@ def test_benchmark_variants_compile(nvrtc, defines):
     L1/L2 instead of shared memory, no register prefetch, other block shapes)."""
     kinds = ("lanes", "pair", "quad")
     names = [n for n in cupy_cuda.kernel_names("scan.cu", "bf16_t", "float", 4, 0, 16) if any(k in n for k in kinds)]
-    assert len(names) == 6
+    assert len(names) == 7
     options = [*cupy_cuda.NVRTC_OPTIONS, "--gpu-architecture=compute_90", *(f"-D{d}" for d in defines)]
     ok, log = nvrtc.compile(cupy_cuda.kernel_sources()["scan.cu"], "scan.cu", names, options)
     assert ok, log
     assert "warning" not in log.lower(), log
+
+
+def test_quad_wide_option_is_checked():
+    with pytest.raises(ValueError, match="quad_wide must be True, False or None"):
+        cupy_cuda.configure(quad_wide=1)
+    with pytest.raises(TypeError, match="known: chunk, min_threads, layout, quad_wide"):
+        cupy_cuda.configure(wide=True)
+    cupy_cuda.configure(quad_wide=True)
+    try:
+        assert cupy_cuda._options["quad_wide"] is True
+    finally:
+        cupy_cuda.configure(quad_wide=None)
 
 
 def test_dstate_limit_is_a_value_error_naming_the_limit():
@@ -163,7 +175,7 @@ def cupy_backend():
         pytest.skip(f"backend 'cupy' unavailable here: {reason}")
     with portassm.use_backend("cupy") as chosen:
         yield chosen
-    cupy_cuda.configure(chunk=None, min_threads=None, layout=None)
+    cupy_cuda.configure(chunk=None, min_threads=None, layout=None, quad_wide=None)
     cupy_cuda._defines = ()
 
 
@@ -260,19 +272,22 @@ def test_scan_with_vjp_agrees_with_the_oracle(cupy_backend, rng, chunk):
 
 
 @gpu
+@pytest.mark.parametrize("wide", [None, True], ids=["auto", "wide"])
 @pytest.mark.parametrize("chunk", [None, 64], ids=["whole", "chunked"])
 @pytest.mark.parametrize(
     "dstate, seqlen, options, softplus, form",
     [(16, 1000, True, True, "grouped"), (13, 7, True, False, "selective"), (4, 150, False, True, "selective"),
      (16, 33, False, False, "grouped")],
 )
-def test_quad_kernels_agree_with_the_oracle(cupy_backend, rng, chunk, dstate, seqlen, options, softplus, form):
+def test_quad_kernels_agree_with_the_oracle(cupy_backend, rng, wide, chunk, dstate, seqlen, options, softplus, form):
     """The four-states-per-lane forward and backward (mamba, B and C selective): the output, the
     last state and every gradient against the float64 oracle with and without the options,
     softplus, a last-state gradient and chunks, dstate 16, 13 and 4 (states past dstate carry
-    zeros), odd lengths (partial tiles, scalar loads); they must be the kernels that ran."""
+    zeros), odd lengths (partial tiles, scalar loads), both forward instances (this small grid
+    picks the one at 3 blocks a multiprocessor; "wide" forces the lean one); they must be the
+    kernels that ran."""
     cp = cupy_cuda._cupy()
-    cupy_cuda.configure(chunk=chunk)
+    cupy_cuda.configure(chunk=chunk, quad_wide=wide)
     case = make_case(rng, batch=2, dim=64, seqlen=seqlen, dstate=dstate, form=form, groups=2, options=options,
                      softplus=softplus).astype("float32")
     args = case.kwargs(cp.asarray)

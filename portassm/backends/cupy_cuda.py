@@ -58,7 +58,7 @@ _DISC = {"mamba": 0, "zoh": 1, "bilinear": 2}
 _DEFAULT_SMEM = 48 * 1024
 _MAX_SMEM = 227 * 1024  # a block's shared memory on sm_90, after opting in
 
-_options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None}
+_options: dict[str, Any] = {"chunk": None, "min_threads": None, "layout": None, "quad_wide": None}
 LAYOUTS = ("lanes", "split", "lanes-bwd")
 BW_PAIR = 1  # the backward's full pass with two states per lane (scan_bwd_pair_kernel) where it applies; 0: one
 FW_QUAD = 1  # the forward with four states per lane (scan_fwd_quad_kernel) where it applies (mamba, B and C
@@ -104,7 +104,7 @@ def kernel_names(source: str, storage: str, compute: str, npt: int | None, disc:
                 names.append(f"scan_fwd_pair_kernel<{storage},{compute},{disc}>")
                 names.append(f"scan_bwd_pair_kernel<{storage},{compute},{disc}>")
                 if disc == _DISC["mamba"]:
-                    names.append(f"scan_fwd_quad_kernel<{storage},{compute}>")
+                    names += [f"scan_fwd_quad_kernel<{storage},{compute},{wide}>" for wide in (0, 1)]
                     names.append(f"scan_bwd_quad_kernel<{storage},{compute}>")
         return names
     return [f"scan_step_kernel<{storage},{compute},{disc}>"]
@@ -187,13 +187,21 @@ def configure(**options: Any) -> None:
         states (any dstate up to 64); "lanes-bwd": the lanes backward kernel, every
         forward pass split. None (the default): "lanes" where dstate allows, the faster
         layout as measured on the H100 (docs/backends/cupy.md), else "split".
+    quad_wide : bool or None
+        The four-states-per-lane forward's instance: True, the lean one at FQ_WIDE_BLOCKS (5)
+        blocks a multiprocessor; False, the one at FQ_MIN_BLOCKS (3); None (the default):
+        the lean one where the grid exceeds one wave of 3 blocks a multiprocessor.
     """
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(
-            f"unknown option(s) {', '.join(sorted(unknown))} for the cupy backend; known: chunk, min_threads, layout"
+            f"unknown option(s) {', '.join(sorted(unknown))} for the cupy backend; known: {', '.join(_options)}"
         )
     for name, value in options.items():
+        if name == "quad_wide":
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"quad_wide must be True, False or None, got {value!r}")
+            continue
         if name == "layout":
             if value is not None and value not in LAYOUTS:
                 raise ValueError(f"layout must be one of {LAYOUTS} or None, got {value!r}")
@@ -534,7 +542,13 @@ class _Scan:
         """One launch of the forward kernel over K chunks (self.K unless given)."""
         K = self.K if K is None else K
         if self.quad:
-            kernel = self.module.kernel(f"scan_fwd_quad_kernel<{self.storage},{self.compute}>", 0)
+            # grids over one wave of FQ_MIN_BLOCKS blocks a multiprocessor: the lean instance at
+            # FQ_WIDE_BLOCKS (one wave at (4, 5120, 2048) instead of 1.6)
+            wide = _options["quad_wide"]
+            if wide is None:
+                wide = (self.dim // self.fq_cpb) * self.batch * K > _define_int("FQ_MIN_BLOCKS", 3) * _multiprocessors(self.u)
+            wide = int(wide)
+            kernel = self.module.kernel(f"scan_fwd_quad_kernel<{self.storage},{self.compute},{wide}>", 0)
             vec = self.vec4(self.u, self.delta, self.z, out) | 2 * self.vec4(self.Bsel, self.Csel)
             kernel(
                 (self.dim // self.fq_cpb, self.batch, K), (4 * self.fq_cpb,),

@@ -2228,8 +2228,11 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
 #ifndef FQ_MIN_BLOCKS
 #define FQ_MIN_BLOCKS 3
 #endif
+#ifndef FQ_WIDE_BLOCKS
+#define FQ_WIDE_BLOCKS 5  // blocks a multiprocessor of the lean instance (WIDE), for grids over a wave of FQ_MIN_BLOCKS
+#endif
 #ifndef FQ_LEAN
-#define FQ_LEAN 0  // 1: the tile's row of (dt, dt u) and y's parts not held whole in registers
+#define FQ_LEAN 0  // 1: the lean loop (see LEAN) at FQ_MIN_BLOCKS too
 #endif
 #ifndef FQ_VEC_BC
 #define FQ_VEC_BC 1  // 0: B and C read one element at a time even where 4 steps at once may be
@@ -2253,14 +2256,15 @@ PA_DEV float4 sum_rows4(const float* q, int j) {
 }
 PA_DEV float at4(const float4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 
-template <typename T, typename W>
-__global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_kernel(
+template <typename T, typename W, int WIDE>
+__global__ void __launch_bounds__(FQ_WARPS * 32, WIDE ? FQ_WIDE_BLOCKS : FQ_MIN_BLOCKS) scan_fwd_quad_kernel(
     const T* __restrict__ u, const T* __restrict__ delta, const T* __restrict__ z, T* __restrict__ out,
     const W* __restrict__ A, const T* __restrict__ Bsel, const W* __restrict__ Binv, const T* __restrict__ Csel,
     const W* __restrict__ Cinv, const W* __restrict__ D, const W* __restrict__ delta_bias, int softplus_flag,
     const W* __restrict__ h0, int h0_chunks, W* __restrict__ hend, W* __restrict__ pend, W* __restrict__ ckpt,
     int nck, int dim, int dstate, long long seqlen, int groups, int vec, long long chunk_len) {
     static_assert(sizeof(W) == 4, "the four-states-per-lane forward computes in float32");
+    constexpr bool LEAN = FQ_LEAN || WIDE;
     constexpr int TT = 16, CPW = 8, CPB = CPW * FQ_WARPS, NTH = FQ_WARPS * 32;
     __shared__ __align__(16) W s_x[CPB * FQ_XS];           // [channel][step]: (dt, dt u)
     __shared__ __align__(16) W s_bc[2][TT * BQ_RS];        // [buffer][step]: B row, C row
@@ -2312,23 +2316,20 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
             if (ckpt && t0 % CKPT_T == 0) ln.store4(ckpt, chan * nck + t0 / CKPT_T, h, dstate);
             __syncwarp();
             const W* bcj = s_bc[buf] + 4 * j;
-#if FQ_LEAN
-            // registers for 2 steps of the row and 4 of y: read a pair of steps' (dt, dt u) as
-            // they come, y's parts written every 4 steps (fewer registers, more blocks)
-            float4 xk, yq;
-#else
-            float4 xr[TT / 2];  // the channel's (dt, dt u) of the tile: steps 2m, 2m + 1 in xr[m]
+            // the channel's (dt, dt u) of the tile, steps 2m, 2m + 1 in xr[m], and y's parts of
+            // the lane, held whole in registers; LEAN: registers for 2 steps of the row (xq, read
+            // as they come) and 4 of y (yq, written every 4 steps): fewer registers, more blocks
+            float4 xr[LEAN ? 1 : TT / 2], xq, yq;
+            W yp[LEAN ? 1 : TT];
+            (void)yq, (void)yp;  // (unused without the output)
+            if constexpr (!LEAN) {
 #pragma unroll
-            for (int m = 0; m < TT / 2; ++m) xr[m] = reinterpret_cast<const float4*>(xrow)[m];
-            W yp[TT];
-#endif
+                for (int m = 0; m < TT / 2; ++m) xr[m] = reinterpret_cast<const float4*>(xrow)[m];
+            }
 #pragma unroll
             for (int kk = 0; kk < TT; ++kk) {
-#if FQ_LEAN
-                if (!(kk & 1)) xk = reinterpret_cast<const float4*>(xrow)[kk / 2];
-#else
-                const float4& xk = xr[kk / 2];
-#endif
+                if (LEAN && !(kk & 1)) xq = reinterpret_cast<const float4*>(xrow)[kk / 2];
+                const float4& xk = LEAN ? xq : xr[kk / 2];
                 const W a = (kk & 1) ? xk.z : xk.x, x = (kk & 1) ? xk.w : xk.y;
                 const float4 bq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS);
                 const W bv[4] = {bq.x, bq.y, bq.z, bq.w};
@@ -2341,19 +2342,17 @@ __global__ void __launch_bounds__(FQ_WARPS * 32, FQ_MIN_BLOCKS) scan_fwd_quad_ke
                 if (WO) {
                     const float4 cq = *reinterpret_cast<const float4*>(bcj + kk * BQ_RS + 16);
                     const W yk = cq.x * h[0] + cq.y * h[1] + cq.z * h[2] + cq.w * h[3];
-#if FQ_LEAN
-                    (kk % 4 == 0 ? yq.x : kk % 4 == 1 ? yq.y : kk % 4 == 2 ? yq.z : yq.w) = yk;
-                    if (kk % 4 == 3) reinterpret_cast<float4*>(yrow)[kk / 4] = yq;
-#else
-                    yp[kk] = yk;
-#endif
+                    if constexpr (LEAN) {
+                        (kk % 4 == 0 ? yq.x : kk % 4 == 1 ? yq.y : kk % 4 == 2 ? yq.z : yq.w) = yk;
+                        if (kk % 4 == 3) reinterpret_cast<float4*>(yrow)[kk / 4] = yq;
+                    } else {
+                        yp[kk] = yk;
+                    }
                 }
             }
             buf ^= 1;
             if (WO) {  // y of this lane's 4 steps: the channel's 4 parts added, D u, the gate
-#if !FQ_LEAN
-                put_row16(yrow, yp);
-#endif
+                if constexpr (!LEAN) put_row16(yrow, yp);
                 __syncwarp();
                 const float4 ys = sum_rows4(s_y + (warp * 32 + 4 * c) * 20, j);
                 W yv[4];
