@@ -195,6 +195,7 @@ GLUON_VARIANTS = [
     ("gluon, 8-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 8}),
     ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
+    ("gluon, B and C packed in float32 (gluon_bc16=False)", {"fwd_kernel": "gluon", "gluon_bc16": False}),
     ("gluon, 104 registers (18 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 104}),
     ("gluon, 96 registers (20 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 96}),
 ]

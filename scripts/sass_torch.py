@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-TENSORS_16 = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")
+TENSORS_16 = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "bc_ptr")
 COMMON = {"STATE_ONLY": False, "FAST": True}
 
 DEFAULTS = {
@@ -63,7 +63,7 @@ def main_loop(sass: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kernel", choices=sorted(DEFAULTS))
-    parser.add_argument("--bf16", action="store_true", help="16-bit u, delta, z, out")
+    parser.add_argument("--bf16", action="store_true", help="16-bit u, delta, z, out (and the packed B, C of the Gluon kernels)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default="/tmp/portassm-sass")
     parser.add_argument("--maxnreg", type=int, default=None, help="register cap passed to ptxas")

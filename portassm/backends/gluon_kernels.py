@@ -57,6 +57,18 @@ def _ex2(x, FAST: gl.constexpr):
 
 
 @gluon.jit
+def _widen(x):
+    """A tile read from shared memory in float32: bfloat16 pairs widened by a shift and a mask
+    (two instructions a pair, inline PTX), other dtypes converted."""
+    if x.dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise(
+            "shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000;", "=r,=r,r", [x], dtype=gl.float32, is_pure=True, pack=2
+        )
+    else:
+        return x.to(gl.float32)
+
+
+@gluon.jit
 def _rcp(x, FAST: gl.constexpr):
     if FAST:
         return gl.inline_asm_elementwise(
@@ -271,7 +283,7 @@ def _scan_fwd_gluon(
             dtsum = gl.zeros([BLOCK_D], gl.float32, gl.SliceLayout(1, LC))
 
     xs = gl.allocate_shared_memory(gl.float32, [2, BLOCK_D, STEPS], PLAIN2)
-    bcs = gl.allocate_shared_memory(gl.float32, [2 * STEPS, DSTATE], PLAIN2)  # [2 step + (B or C), n]
+    bcs = gl.allocate_shared_memory(bc_ptr.dtype.element_ty, [2 * STEPS, DSTATE], PLAIN2)  # [2 step + (B or C), n]
     ys = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], PLAIN3)
 
     row1 = (b * dim + d_c) * seqlen
@@ -330,7 +342,7 @@ def _scan_fwd_gluon(
             sel = s_r == k
             x1_k = _column(x1, sel, neg_zero, LS)
             x2_k = _column(x2, sel, neg_zero, LS)
-            B_k = bcs.slice(2 * k, 1).load(LS)
+            B_k = _widen(bcs.slice(2 * k, 1).load(LS))
             if MODE == 0:
                 abar = _ex2(x1_k * A, FAST)  # x1 = dt log2(e)
                 h = abar * h + x2_k * B_k
@@ -346,7 +358,7 @@ def _scan_fwd_gluon(
                 if MODE == 2:
                     prod = prod * abar
             else:
-                C_k = bcs.slice(2 * k + 1, 1).load(LS)
+                C_k = _widen(bcs.slice(2 * k + 1, 1).load(LS))
                 part = gl.convert_layout(gl.reshape(C_k * h, [BLOCK_D, LPC, SPT]), L3S, assert_trivial=True)
                 y_k = gl.convert_layout(gl.sum(part, axis=2), gl.SliceLayout(2, L3Y), assert_trivial=True)
                 ypart = gl.where(s_y == k, y_k[:, :, None], ypart)
@@ -547,7 +559,7 @@ def _scan_bwd_gluon(
 
     xs = gl.allocate_shared_memory(gl.float32, [STEPS, BLOCK_D * 4], PLAIN2)  # [step, channel and quartet]
     xq = xs.reshape([STEPS * BLOCK_D, 4])  # [step and channel, quartet]
-    bcs = gl.allocate_shared_memory(gl.float32, [2 * STEPS, DSTATE], PLAIN2)  # [2 step + (B or C), n]
+    bcs = gl.allocate_shared_memory(bc_ptr.dtype.element_ty, [2 * STEPS, DSTATE], PLAIN2)  # [2 step + (B or C), n]
     if not ADJOINT_ONLY:
         hs = gl.allocate_shared_memory(gl.float32, [STEPS, BLOCK_D * DSTATE], PLAIN2)
         hq = hs.reshape([STEPS * BLOCK_D, DSTATE])
@@ -616,7 +628,7 @@ def _scan_bwd_gluon(
                 q = xq.slice(kb * BLOCK_D, BLOCK_D).load(LX)
                 dt_k = _pick(q, col_x, 0, neg_zero, LS)
                 dy_k = _pick(q, col_x, 2, neg_zero, LS)
-                C_k = bcs.slice(2 * kb + 1, 1).load(LS)
+                C_k = _widen(bcs.slice(2 * kb + 1, 1).load(LS))
                 abar = _ex2(dt_k * A2, FAST)
                 g = abar * (g + C_k * dy_k)
                 prod = prod * abar
@@ -632,10 +644,10 @@ def _scan_bwd_gluon(
                 q = xq.slice(k * BLOCK_D, BLOCK_D).load(LX)
                 dt_k = _pick(q, col_x, 0, neg_zero, LS)
                 bu_k = _pick(q, col_x, 1, neg_zero, LS)
-                B_k = bcs.slice(2 * k, 1).load(LS)
+                B_k = _widen(bcs.slice(2 * k, 1).load(LS))
                 h = _ex2(dt_k * A2, FAST) * h + bu_k * B_k
                 if HAS_Z:
-                    C_k = bcs.slice(2 * k + 1, 1).load(LS)
+                    C_k = _widen(bcs.slice(2 * k + 1, 1).load(LS))
                     ypart = gl.where(s_y == k, _lane_sum(C_k * h, L3S, SLOT, LPC, SPT)[:, :, None], ypart)
             hs.store(gl.reshape(gl.permute(states, (2, 0, 1)), [STEPS, BLOCK_D * DSTATE]))
             if HAS_Z:
@@ -649,8 +661,8 @@ def _scan_bwd_gluon(
                 dt_k = _pick(q, col_x, 0, neg_zero, LS)
                 dy_k = _pick(q, col_x, 2, neg_zero, LS)
                 bu_k = _pick(q, col_x, 1, neg_zero, LS)
-                B_k = bcs.slice(2 * kb, 1).load(LS)
-                C_k = bcs.slice(2 * kb + 1, 1).load(LS)
+                B_k = _widen(bcs.slice(2 * kb, 1).load(LS))
+                C_k = _widen(bcs.slice(2 * kb + 1, 1).load(LS))
                 hp = hq.slice(kb * BLOCK_D, BLOCK_D).load(LS)
                 hdy = h * dy_k  # dC's terms
                 g = g + C_k * dy_k

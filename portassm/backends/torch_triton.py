@@ -58,6 +58,7 @@ _options: dict[str, Any] = {
     "gluon_warps": 2,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
     "gluon_steps": 16,  # tile length of the Gluon forward
     "gluon_maxnreg": None,  # register cap of the Gluon forward (None: the compiler's choice)
+    "gluon_bc16": True,  # the Gluon kernels read 16-bit B, C packed in their dtype (False: in float32)
     "bwd_maxnreg": None,  # register cap of the backward kernel
     "bwd_kernel": "gluon",  # "gluon": the Gluon backward where it applies (CUDA tensors, mamba's discretisation,
     # selective B and C, float32 compute, dstate 16 after padding); "triton": always the Triton backward
@@ -76,7 +77,7 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
+    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_bc16``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
     ``gluon_bwd_maxnreg``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
@@ -395,9 +396,14 @@ def _gluon_bwd_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_v
 
 
 def _bc_packed(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """(batch, groups, dstate, seqlen) B and C -> (batch, groups, seqlen, 2, dstate) float32, one row a step."""
+    """(batch, groups, dstate, seqlen) B and C -> (batch, groups, seqlen, 2, dstate), one row a step:
+    in their own 16-bit dtype where both share one (the Gluon kernels widen them as they read
+    them: half the shared-memory traffic of their per-step rows, which bounds the forward),
+    else float32."""
     batch, groups, dstate, seqlen = B.shape
-    bc = torch.empty(batch, groups, seqlen, 2, dstate, dtype=torch.float32, device=B.device)
+    half = _options["gluon_bc16"] and B.dtype == C.dtype and B.dtype in (torch.bfloat16, torch.float16)
+    dtype = B.dtype if half else torch.float32
+    bc = torch.empty(batch, groups, seqlen, 2, dstate, dtype=dtype, device=B.device)
     bc[:, :, :, 0, :].copy_(B.transpose(-1, -2))
     bc[:, :, :, 1, :].copy_(C.transpose(-1, -2))
     return bc
