@@ -570,12 +570,22 @@ def test_gpu_long_sequence_agrees_with_numba(torch_backend, rng):
     with portassm.use_backend("numba"):
         ref_out, ref_last = portassm.scan(**arrays, delta_softplus=True, return_last_state=True)
         ref_grads = portassm.scan_vjp(dout, **arrays, delta_softplus=True)
+        exact = portassm.scan_vjp(dout.astype(np.float64), **{k: v.astype(np.float64) for k, v in arrays.items()},
+                                  delta_softplus=True)
     assert rel_err(_np(out), ref_out) <= TOLERANCE["float32"]
     assert rel_err(_np(last), ref_last) <= TOLERANCE["float32"]
-    for name, ref in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), ref_grads):
+    for name, ref, ref64 in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), ref_grads, exact):
         err = rel_err(_np(args[name].grad), np.asarray(ref))
-        # float32 against float32: both round, so allow twice the float32 tolerance per side
-        assert err <= 2 * TOLERANCE["float32"], f"d{name}: {err:.2e}"
+        if name in ("A", "D", "delta_bias"):
+            # sums over all 2^20 steps: each float32 backend's own summation error grows with
+            # the length, so these are held to float64 (numba's): within twice the float32
+            # tolerance, or no more than twice numba's own float32 error
+            own = rel_err(np.asarray(ref), np.asarray(ref64))
+            err = rel_err(_np(args[name].grad), np.asarray(ref64))
+            assert err <= max(2 * TOLERANCE["float32"], 2 * own), f"d{name}: {err:.2e} (numba float32: {own:.2e})"
+        else:
+            # float32 against float32: both round, so allow twice the float32 tolerance per side
+            assert err <= 2 * TOLERANCE["float32"], f"d{name}: {err:.2e}"
 
 
 @gpu
