@@ -196,6 +196,7 @@ GLUON_VARIANTS = [
     ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
     ("gluon, B and C packed in float32 (gluon_bc16=False)", {"fwd_kernel": "gluon", "gluon_bc16": False}),
+    ("gluon, 32-step tiles (forward alone; 16 before the backward)", {"fwd_kernel": "gluon", "gluon_steps": 32}),
     ("gluon, 104 registers (18 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 104}),
     ("gluon, 96 registers (20 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 96}),
 ]

@@ -121,6 +121,21 @@ def test_unknown_option_is_a_type_error():
         torch_triton.configure(bwd_kernel="cuda")
 
 
+def test_gluon_forward_tiles_meet_the_checkpoints(torch_backend, monkeypatch):
+    """32-step tiles for the forward alone; 16 where it keeps checkpoints every 16 steps for the
+    Gluon backward (a checkpoint is written at a tile's start); no GPU needed."""
+    monkeypatch.setattr(torch_triton, "_n_sm", lambda device: 132)
+    cuda, f32 = torch.device("cuda"), torch.float32
+    torch_triton.configure(gluon_steps=32)
+    try:
+        alone = torch_triton._gluon_layout(8, 1536, 2048, 1536, 16, f32, True, True, cuda)
+        before_bwd = torch_triton._gluon_layout(8, 1536, 2048, 1536, 16, f32, True, True, cuda, ck=16)
+        assert (alone["steps"], alone["gluon"]["STEPS"], alone["ck"]) == (32, 32, 32)
+        assert (before_bwd["steps"], before_bwd["gluon"]["STEPS"], before_bwd["ck"]) == (16, 16, 16)
+    finally:
+        torch_triton.configure(gluon_steps=16)
+
+
 def test_gluon_backward_selection(torch_backend, monkeypatch):
     """Where the Gluon backward applies, and its programs: 4 warps (32 channels), halved while a
     group of B, C has fewer channels; the Triton backward everywhere else (no GPU needed)."""
@@ -356,6 +371,7 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
             (64, True, {}),
             (16, True, {"gluon_warps": 2}),
             (16, True, {"gluon_steps": 8}),
+            (16, True, {"gluon_steps": 32}),
         ]
     ]
     for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel

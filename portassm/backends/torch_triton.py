@@ -343,6 +343,8 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
     warps = _options["gluon_warps"]
     block_d = (32 // lpc) * warps
     steps, ck = _options["gluon_steps"], ck or _options["ck"]
+    if ck % steps and steps % ck == 0:
+        steps = ck  # checkpoints (for the Gluon backward, every 16 steps) at tile starts: shorter tiles
     if dim_per_group % block_d or steps % lpc or ck % steps or steps & (steps - 1):
         return None
     threshold = _options["min_warps"] or 8 * _n_sm(device)
