@@ -197,6 +197,9 @@ GLUON_VARIANTS = [
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
     ("gluon, B and C packed in float32 (gluon_bc16=False)", {"fwd_kernel": "gluon", "gluon_bc16": False}),
     ("gluon, 32-step tiles (forward alone; 16 before the backward)", {"fwd_kernel": "gluon", "gluon_steps": 32}),
+    ("gluon, 2 channels a lane (gluon_cpt=2)", {"fwd_kernel": "gluon", "gluon_cpt": 2}),
+    ("gluon, 2 channels a lane, 1 warp", {"fwd_kernel": "gluon", "gluon_cpt": 2, "gluon_warps": 1}),
+    ("gluon, 2 channels a lane, 4 warps", {"fwd_kernel": "gluon", "gluon_cpt": 2, "gluon_warps": 4}),
     ("gluon, 104 registers (18 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 104}),
     ("gluon, 96 registers (20 warps a multiprocessor)", {"fwd_kernel": "gluon", "gluon_maxnreg": 96}),
 ]

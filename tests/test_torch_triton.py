@@ -372,13 +372,15 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
             (16, True, {"gluon_warps": 2}),
             (16, True, {"gluon_steps": 8}),
             (16, True, {"gluon_steps": 32}),
+            (16, True, {"gluon_cpt": 2}),
+            (8, False, {"gluon_cpt": 2, "gluon_warps": 2}),
         ]
     ]
     for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
         torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps, gluon_warps=1, gluon_steps=16)
         _check_cuda(grouped.astype("float32"), "float32", rng)
         for case, cfg in forward_cases:
-            torch_triton.configure(**{"gluon_warps": 1, "gluon_steps": 16, **cfg})
+            torch_triton.configure(**{"gluon_warps": 1, "gluon_steps": 16, "gluon_cpt": 1, **cfg})
             case = case.astype("float32")
             kw = _tensors(case, "cuda")
             out, last = portassm.scan(**kw, return_last_state=True)
@@ -386,8 +388,8 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
             where = (case.A.shape, cfg, min_warps)
             assert rel_err(_np(out), ref_out) <= TOLERANCE["float32"], where
             assert rel_err(_np(last), ref_last) <= TOLERANCE["float32"], where
-    torch_triton.configure(gluon_warps=1, gluon_steps=16)
-    for dtype in (torch.bfloat16, torch.float16):
+    for cpt, dtype in ((1, torch.bfloat16), (1, torch.float16), (2, torch.bfloat16)):
+        torch_triton.configure(gluon_warps=1, gluon_steps=16, gluon_cpt=cpt)
         case = make_case(rng, batch=2, dim=64, seqlen=200, dstate=16, discretization=method)
         args = _tensors(case, "cuda", dtype=dtype)
         rounded = case.astype(np.float64)

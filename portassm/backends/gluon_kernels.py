@@ -233,31 +233,34 @@ def _scan_fwd_gluon(
     PF: gl.constexpr,
     BCT: gl.constexpr,
     FAST: gl.constexpr,
+    CPT: gl.constexpr = 1,
 ):
-    """One program: BLOCK_D = (32/LPC)·W channels of one batch row over one chunk of the sequence.
+    """One program: BLOCK_D = CPT·(32/LPC)·W channels of one batch row over one chunk of the sequence.
 
     The arguments are those of ``triton_kernels._scan_fwd_kernel`` but for ``bc_ptr``, B and
     C packed as (batch, groups, seqlen, 2, DSTATE) float32, and the layout constants:
-    SPT states a lane, LPC lanes a channel, W warps a program; BCT lanes along a packed
-    (2·DSTATE) row in the B, C tile load. FAST and PF > 0 (the L2 prefetch hints, PF steps
-    ahead) are inline PTX: compiled code only.
+    SPT states a lane, LPC lanes a channel, W warps a program, CPT channels a lane (each
+    per-step read of B and C then serves CPT channels); BCT lanes along a packed (2·DSTATE)
+    row in the B, C tile load. FAST and PF > 0 (the L2 prefetch hints, PF steps ahead) are
+    inline PTX: compiled code only.
     """
-    CPW: gl.constexpr = 32 // LPC
+    CPW: gl.constexpr = CPT * (32 // LPC)
     BLOCK_D: gl.constexpr = CPW * W
     VEC: gl.constexpr = STEPS // LPC
     ROW: gl.constexpr = 2 * DSTATE
+    TPC: gl.constexpr = 32 // LPC  # lanes along the channels of a warp
     # the state: (channel, state), SPT states a lane, LPC lanes a channel
-    LS: gl.constexpr = gl.BlockedLayout([1, SPT], [CPW, LPC], [W, 1], [1, 0])
+    LS: gl.constexpr = gl.BlockedLayout([CPT, SPT], [TPC, LPC], [W, 1], [1, 0])
     # loads and stores of (channel, step) tiles: VEC consecutive steps a lane
-    LC: gl.constexpr = gl.BlockedLayout([1, VEC], [CPW, LPC], [W, 1], [1, 0])
+    LC: gl.constexpr = gl.BlockedLayout([CPT, VEC], [TPC, LPC], [W, 1], [1, 0])
     # a channel's whole row of a tile in each of its lanes
-    LR: gl.constexpr = gl.BlockedLayout([1, STEPS], [CPW, LPC], [W, 1], [1, 0])
+    LR: gl.constexpr = gl.BlockedLayout([CPT, STEPS], [TPC, LPC], [W, 1], [1, 0])
     # (channel, lane of the channel, state within the lane): the per-lane partial sums of C h
-    L3S: gl.constexpr = gl.BlockedLayout([1, 1, SPT], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    L3S: gl.constexpr = gl.BlockedLayout([CPT, 1, SPT], [TPC, LPC, 1], [W, 1, 1], [2, 1, 0])
     # (channel, lane of the channel, step): a tile's partial sums, each lane its own
-    L3Y: gl.constexpr = gl.BlockedLayout([1, 1, STEPS], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
+    L3Y: gl.constexpr = gl.BlockedLayout([CPT, 1, STEPS], [TPC, LPC, 1], [W, 1, 1], [2, 1, 0])
     # the same read back so that each lane holds VEC steps of all LPC partial sums
-    L3R: gl.constexpr = gl.BlockedLayout([1, LPC, VEC], [CPW, 1, LPC], [W, 1, 1], [2, 1, 0])
+    L3R: gl.constexpr = gl.BlockedLayout([CPT, LPC, VEC], [TPC, 1, LPC], [W, 1, 1], [2, 1, 0])
     # the packed B, C rows of a tile, (STEPS, 2·DSTATE), 4 a lane
     LG: gl.constexpr = gl.BlockedLayout([1, ROW // BCT], [32 // BCT, BCT], [W, 1], [1, 0])
     # shared memory, unswizzled; a layout of lower rank than its buffer leaves leading buffer axes

@@ -58,6 +58,7 @@ _options: dict[str, Any] = {
     "gluon_warps": 2,  # warps per program of the Gluon forward (8 channels a warp at dstate 16)
     "gluon_steps": 16,  # tile length of the Gluon forward
     "gluon_maxnreg": None,  # register cap of the Gluon forward (None: the compiler's choice)
+    "gluon_cpt": 1,  # channels a lane of the Gluon forward (2: each per-step read of B, C serves two)
     "gluon_bc16": True,  # the Gluon kernels read 16-bit B, C packed in their dtype (False: in float32)
     "bwd_maxnreg": None,  # register cap of the backward kernel
     "bwd_kernel": "gluon",  # "gluon": the Gluon backward where it applies (CUDA tensors, mamba's discretisation,
@@ -77,13 +78,15 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_bc16``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
+    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_cpt``, ``gluon_bc16``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
     ``gluon_bwd_maxnreg``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
     if options.get("kernels", "auto") not in ("auto", "triton", "torch"):
         raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {options['kernels']!r}")
+    if options.get("gluon_cpt", 1) not in (1, 2):
+        raise ValueError(f"gluon_cpt must be 1 or 2, got {options['gluon_cpt']!r}")
     for name in ("fwd_kernel", "bwd_kernel"):
         if options.get(name, "triton") not in ("triton", "gluon"):
             raise ValueError(f"{name} must be 'triton' or 'gluon', got {options[name]!r}")
@@ -340,8 +343,8 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
         return None
     spt = 4
     lpc = dstate // spt
-    warps = _options["gluon_warps"]
-    block_d = (32 // lpc) * warps
+    warps, cpt = _options["gluon_warps"], _options["gluon_cpt"]
+    block_d = cpt * (32 // lpc) * warps
     steps, ck = _options["gluon_steps"], ck or _options["ck"]
     if ck % steps and steps % ck == 0:
         steps = ck  # checkpoints (for the Gluon backward, every 16 steps) at tile starts: shorter tiles
@@ -357,7 +360,7 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
         "d_blocks": dim // block_d,
         "chunks": chunks,
         "chunk_len": chunk_len,
-        "gluon": {"SPT": spt, "LPC": lpc, "W": warps, "STEPS": steps, "BCT": min(32, 2 * dstate // 4)},
+        "gluon": {"SPT": spt, "LPC": lpc, "W": warps, "STEPS": steps, "BCT": min(32, 2 * dstate // 4), "CPT": cpt},
     }
 
 
