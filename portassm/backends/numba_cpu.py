@@ -372,6 +372,11 @@ def _make_scan_bwd(method: int):
         dAl = np.zeros((nth, dstate, LANES), dt_)
         dBl = np.zeros((nth, dstate, LANES), dt_)  # time-invariant B and C: per-lane sums over time
         dCl = np.zeros((nth, dstate, LANES), dt_)
+        # the sums over the whole sequence (dA, dD; dB, dC when time-invariant) are kept per
+        # chunk in the compute dtype and added across chunks in float64: a float32 sum over
+        # a million steps would lose ~1e-5 (dA over 2^20 steps: 1.9e-5 from float64)
+        tot = np.zeros((nth, 3, dstate, LANES), np.float64)
+        totD = np.zeros((nth, LANES), np.float64)
         hs = np.empty((nth, CHUNK + 1, dstate, LANES), dt_)  # the state before step tt of the chunk
         abars = np.empty((nth, CHUNK, dstate, LANES), dt_)
         dBc = np.empty((nth, CHUNK, dstate), dt_)  # this block's share of dB, dC over the chunk
@@ -415,11 +420,11 @@ def _make_scan_bwd(method: int):
             one = nk.const(A[0, 0], 1.0)
             _load_block(A, B, C, h0, b, d0, nl, ts, a_, as_, bl, cl, h)
             for j in range(LANES):
-                dDl[ts, j] = zero
+                totD[ts, j] = 0.0
                 for n in range(dstate):
-                    dAl[ts, n, j] = zero
-                    dBl[ts, n, j] = zero
-                    dCl[ts, n, j] = zero
+                    tot[ts, 0, n, j] = 0.0
+                    tot[ts, 1, n, j] = 0.0
+                    tot[ts, 2, n, j] = 0.0
                     # spare lanes get no cotangent, so they add nothing to shared sums
                     g[ts, n, j] = dlast[b, d0 + j, n] if j < nl else zero
 
@@ -454,6 +459,12 @@ def _make_scan_bwd(method: int):
             for c in range(nchunks - 1, -1, -1):
                 t0 = c * CHUNK
                 tn = min(CHUNK, seqlen - t0)
+                for j in range(LANES):  # this chunk's sums, added to tot at its end
+                    dDl[ts, j] = zero
+                    for n in range(dstate):
+                        dAl[ts, n, j] = zero
+                        dBl[ts, n, j] = zero
+                        dCl[ts, n, j] = zero
                 # elementwise: Δ, softplus', Δu, D u, the gate's cotangents, dD
                 # (branch-free loop bodies: softplus is a select, the gate its own loop)
                 for j in range(LANES):
@@ -648,16 +659,22 @@ def _make_scan_bwd(method: int):
                     for tt in range(tn):
                         du[b, d, uint64(t0 + tt)] = dua[ts, j, tt]
                         ddelta[b, d, uint64(t0 + tt)] = ddt[ts, j, tt] * sps[ts, j, tt]
+                for j in range(LANES):
+                    totD[ts, j] += dDl[ts, j]
+                    for n in range(dstate):
+                        tot[ts, 0, n, j] += dAl[ts, n, j]
+                        tot[ts, 1, n, j] += dBl[ts, n, j]
+                        tot[ts, 2, n, j] += dCl[ts, n, j]
             for j in range(nl):
                 d = d0 + j
-                dD_b[b, d] = dDl[ts, j]
+                dD_b[b, d] = totD[ts, j]
                 for n in range(dstate):
-                    dA_b[b, d, n] = dAl[ts, n, j]
+                    dA_b[b, d, n] = tot[ts, 0, n, j]
                     dh0[b, d, n] = g[ts, n, j]
                     if B.ndim == 2:
-                        dB_part[0, b, d, n] = dBl[ts, n, j]
+                        dB_part[0, b, d, n] = tot[ts, 1, n, j]
                     if C.ndim == 2:
-                        dC_part[0, b, d, n] = dCl[ts, n, j]
+                        dC_part[0, b, d, n] = tot[ts, 2, n, j]
 
     return scan_bwd_kernel
 
