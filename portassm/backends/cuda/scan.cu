@@ -2217,6 +2217,10 @@ __global__ void __launch_bounds__(BQ_WARPS * 32, BQ_MIN_BLOCKS) scan_bwd_quad_ke
 // 4 ex2, 4 multiply-adds for the states, 4 for its part of C h; the 4 parts of each step
 // are added over the channel's lanes once a tile through shared memory, leaving each lane
 // its own 4 steps, where D u and the gate are applied.
+// Two instances: WIDE = 0 as above at FQ_MIN_BLOCKS blocks a multiprocessor; WIDE = 1 the
+// lean loop (LEAN: the row read a pair of steps at a time, y's parts written every 4 steps;
+// 96 registers) at FQ_WIDE_BLOCKS, for grids larger than one wave of the first (the host
+// chooses; the kernel is bound by shared-memory wavefronts, so fewer waves is what pays).
 // Against two states per lane: about half the instructions per state update, and half
 // the warps (8 channels a warp instead of 4). Blocks of 4 warps (32 channels) at 3 a
 // multiprocessor (168 registers, no spills) measured faster than blocks of 2 warps at 6
