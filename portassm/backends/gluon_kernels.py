@@ -238,7 +238,8 @@ def _scan_fwd_gluon(
     """One program: BLOCK_D = CPT·(32/LPC)·W channels of one batch row over one chunk of the sequence.
 
     The arguments are those of ``triton_kernels._scan_fwd_kernel`` but for ``bc_ptr``, B and
-    C packed as (batch, groups, seqlen, 2, DSTATE) float32, and the layout constants:
+    C packed as (batch, groups, seqlen, 2, DSTATE), float32 or both's 16-bit dtype (staged as
+    they come, widened as each step reads them: ``_widen``), and the layout constants:
     SPT states a lane, LPC lanes a channel, W warps a program, CPT channels a lane (each
     per-step read of B and C then serves CPT channels); BCT lanes along a packed (2·DSTATE)
     row in the B, C tile load. FAST and PF > 0 (the L2 prefetch hints, PF steps ahead) are
