@@ -255,7 +255,7 @@ def gluon_variants(only=""):
     return [v for v in GLUON_VARIANTS if any(p in v[0] for p in parts)]
 
 
-def jobs_of(which, sweep, gluon=False, gluon_variants=(), bwd=False):
+def jobs_of(which, sweep, gluon=False, variants=(), bwd=False):
     jobs = [("step", {}, -1, "float32", False)]
     jobs += [("scan", {}, i, d, True) for i in which for d in DTYPES]
     if sweep:
@@ -264,7 +264,7 @@ def jobs_of(which, sweep, gluon=False, gluon_variants=(), bwd=False):
         kernels = ({"fwd_kernel": "triton"}, {"fwd_kernel": "gluon", "gluon_warps": 1})
         kernels += ({"fwd_kernel": "gluon", "gluon_warps": 2},)
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for k in kernels]
-    jobs += [("scan", opts, i, d, False) for i in which for _, opts in gluon_variants for d in DTYPES]
+    jobs += [("scan", opts, i, d, False) for i in which for _, opts in variants for d in DTYPES]
     if bwd:
         jobs += [("scan", k, i, d, True) for i in which for d in DTYPES for _, k in BWD_KERNELS]
     return jobs
@@ -431,9 +431,10 @@ def main():
     parser.add_argument("--bwd", action="store_true", help="only the Gluon backward beside the Triton one")
     args = parser.parse_args()
     which = [int(i) for i in args.sizes.split(",") if i]
+    variants = gluon_variants(args.only) if args.gluon_variants else []
     if args.precompile:
         gl_jobs = args.gluon or args.gluon_variants or args.bwd
-        jobs = jobs_of(which, args.sweep, args.gluon, gluon_variants(args.only) if args.gluon_variants else [], args.bwd)
+        jobs = jobs_of(which, args.sweep, args.gluon, variants, args.bwd)
         if gl_jobs:  # the Gluon comparison times no decode step and no default fwd+bwd
             jobs = [j for j in jobs if j[0] == "scan"]
         precompile(jobs, args.precompile)
@@ -444,7 +445,6 @@ def main():
         if args.bwd:
             lines, name = bwd_compare(which, args.quick), "torch_bwd.md"
         else:
-            variants = gluon_variants(args.only) if args.gluon_variants else []
             lines, name = gluon_compare(which if args.gluon else [], args.quick, variants, which), "torch_gluon.md"
         print()
         print("\n".join(lines), flush=True)
