@@ -195,6 +195,7 @@ GLUON_VARIANTS = [
     ("gluon, 8-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 8}),
     ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
+    ("gluon, partial sums unswizzled (gluon_swizzle=False)", {"fwd_kernel": "gluon", "gluon_swizzle": False}),
     ("gluon, B and C packed in float32 (gluon_bc16=False)", {"fwd_kernel": "gluon", "gluon_bc16": False}),
     ("gluon, 32-step tiles (forward alone; 16 before the backward)", {"fwd_kernel": "gluon", "gluon_steps": 32}),
     ("gluon, 2 channels a lane (gluon_cpt=2)", {"fwd_kernel": "gluon", "gluon_cpt": 2}),
@@ -289,12 +290,16 @@ BWD_KERNELS = [
     ("gluon, 2 warps, 168 registers", {"bwd_kernel": "gluon", "gluon_bwd_warps": 2, "gluon_bwd_maxnreg": 168}),
     ("gluon, 2 warps, 128 registers", {"bwd_kernel": "gluon", "gluon_bwd_warps": 2, "gluon_bwd_maxnreg": 128}),
     ("gluon, 4 warps, 128 registers", {"bwd_kernel": "gluon", "gluon_bwd_warps": 4, "gluon_bwd_maxnreg": 128}),
+    ("gluon, 4 warps, partial sums unswizzled", {"bwd_kernel": "gluon", "gluon_bwd_warps": 4, "gluon_swizzle": False}),
 ]
 
 
-def bwd_compare(which, quick):
-    """Forward+backward through autograd with the Triton and the Gluon backward, same run."""
-    rows = [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in BWD_KERNELS]
+def bwd_compare(which, quick, only=""):
+    """Forward+backward through autograd with the Triton and the Gluon backward, same run
+    (``only``: those whose label contains one of its |-separated parts)."""
+    parts = [p for p in only.split("|") if p] or [""]
+    kernels = [(name, opts) for name, opts in BWD_KERNELS if any(p in name for p in parts)]
+    rows = [(SIZES[i], d, name, opts, True) for i in which for d in DTYPES for name, opts in kernels]
     return compare(rows, quick, "backward")
 
 
@@ -427,7 +432,7 @@ def main():
     parser.add_argument("--only-precompile", action="store_true")
     parser.add_argument("--gluon", action="store_true", help="only the Gluon forward beside the Triton one")
     parser.add_argument("--gluon-variants", action="store_true", help="the Gluon forward's variants at each size asked")
-    parser.add_argument("--only", default="", help="with --gluon-variants: only those whose label contains this (several: a|b)")
+    parser.add_argument("--only", default="", help="with --gluon-variants or --bwd: only those whose label contains this (several: a|b)")
     parser.add_argument("--bwd", action="store_true", help="only the Gluon backward beside the Triton one")
     args = parser.parse_args()
     which = [int(i) for i in args.sizes.split(",") if i]
@@ -443,7 +448,7 @@ def main():
     portassm.set_backend("torch")
     if args.bwd or args.gluon or args.gluon_variants:
         if args.bwd:
-            lines, name = bwd_compare(which, args.quick), "torch_bwd.md"
+            lines, name = bwd_compare(which, args.quick, args.only), "torch_bwd.md"
         else:
             lines, name = gluon_compare(which if args.gluon else [], args.quick, variants, which), "torch_gluon.md"
         print()

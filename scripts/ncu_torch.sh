@@ -31,7 +31,7 @@ cd "$here" || exit 1
 kernels="${KERNELS:-_scan_(fwd|bwd)_gluon}"
 sections=(--section LaunchStats --section Occupancy --section SpeedOfLight --section SchedulerStats
           --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats
-          --section MemoryWorkloadAnalysis --section SourceCounters)
+          --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SourceCounters)
 # first round: fwd f32, fwd bf16, fwd bf16 (with grad), bwd; the second round's four are profiled
 ncu --clock-control none --target-processes all -k regex:"$kernels" --launch-skip 4 \
   --launch-count 4 "${sections[@]}" --print-summary none -o "$outdir/ncu_torch" -f python3 "$script" >"$outdir/ncu_torch_run.txt" 2>&1
@@ -44,5 +44,10 @@ grep -E "_scan_|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slo
 grep -E "_scan_|issue_stalled_[a-z_]+_per_issue_active.ratio|pipe_[a-z0-9_]+.avg.pct_of_peak_sustained_active" "$outdir/ncu_torch_raw.txt" \
   | awk '/_scan_/ {print substr($0, 1, 70); next}
          {v=$NF; gsub(",", "", v); lim = ($1 ~ /stalled/) ? 0.2 : 5; if (v + 0 >= lim) print "   ", $1, v}' | head -n 120
+# shared-memory wavefronts: per kernel, then per SASS opcode from the source page (measured and ideal)
+grep -E "_scan_|l1tex__data_pipe_lsu_wavefronts_mem_shared(_op_ld|_op_st)?.sum |l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_(ld|st).sum |smsp__inst_executed_op_shared_(ld|st).sum " \
+  "$outdir/ncu_torch_raw.txt" | sed 's/  */ /g' | head -n 40
+ncu --import "$outdir/ncu_torch.ncu-rep" --page source --print-source sass --csv >"$outdir/ncu_torch_source.csv" 2>&1
+python3 "$here/scripts/ncu_shared_by_opcode.py" "$outdir/ncu_torch_source.csv"
 rm -f "$script"
 exit $status

@@ -374,13 +374,15 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
             (16, True, {"gluon_steps": 32}),
             (16, True, {"gluon_cpt": 2}),
             (8, False, {"gluon_cpt": 2, "gluon_warps": 2}),
+            (16, True, {"gluon_swizzle": False}),
+            (8, True, {"gluon_swizzle": False, "gluon_warps": 2}),
         ]
     ]
     for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
         torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps, gluon_warps=1, gluon_steps=16)
         _check_cuda(grouped.astype("float32"), "float32", rng)
         for case, cfg in forward_cases:
-            torch_triton.configure(**{"gluon_warps": 1, "gluon_steps": 16, "gluon_cpt": 1, **cfg})
+            torch_triton.configure(**{"gluon_warps": 1, "gluon_steps": 16, "gluon_cpt": 1, "gluon_swizzle": True, **cfg})
             case = case.astype("float32")
             kw = _tensors(case, "cuda")
             out, last = portassm.scan(**kw, return_last_state=True)
@@ -423,6 +425,7 @@ def test_gpu_gluon_backward(torch_backend, rng, monkeypatch):
         (make_case(rng, batch=2, dim=96, seqlen=250, dstate=16, form="grouped", groups=3), {}),
         (make_case(rng, batch=1, dim=32, seqlen=200, dstate=13), {}),
         (make_case(rng, batch=2, dim=64, seqlen=160, dstate=16), {"gluon_bwd_warps": 2}),
+        (make_case(rng, batch=2, dim=64, seqlen=160, dstate=16), {"gluon_swizzle": False}),
         # 16 and 8 channels a group: programs of 2 warps, then 1
         (make_case(rng, batch=2, dim=48, seqlen=170, dstate=16, form="grouped", groups=3), {}),
         (make_case(rng, batch=1, dim=24, seqlen=150, dstate=16, form="grouped", groups=3), {}),

@@ -45,6 +45,37 @@ from triton.experimental.gluon import language as gl
 LOG2E = gl.constexpr(1.4426950408889634)
 
 
+@gluon.constexpr_function
+def _sums_layout(BLOCK_D, LPC, STEPS, CPT, SWIZZLE):
+    """Shared layout of a tile's partial sums, (BLOCK_D, LPC, STEPS) in float32.
+
+    Each lane stores its row of STEPS partial sums (16-byte vectors: a quarter-warp is LPC
+    lanes of a channel times 8 / LPC channels), and each lane reads back VEC = STEPS / LPC
+    steps of its channel's LPC rows (a quarter-warp: LPC step groups times 8 / LPC
+    channels). Unswizzled, rows STEPS floats apart fall in the same banks: 4-way conflicts
+    on the store and 2-way on the read at dstate 16. An XOR swizzle (a linear layout over
+    the bits of the word offset) makes both conflict-free: the offset's bits 0, 1 are the
+    step within a vector, bits 2.. the step bits that tell a channel's lanes apart on the
+    read, each XORed with the lane bit that tells them apart on the store, then channel
+    bits up to 3 bank-group bits, then the rest. Unswizzled where the tiles are too short
+    for it (VEC < 4) or where ``SWIZZLE`` is off.
+    """
+    nl, ns, nd = LPC.bit_length() - 1, STEPS.bit_length() - 1, BLOCK_D.bit_length() - 1
+    v = (STEPS // LPC).bit_length() - 1
+    if not SWIZZLE or v < 2 or v + nl > ns:
+        return gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    c0 = CPT.bit_length() - 1  # a lane's CPT channels are consecutive: lanes differ from channel bit c0
+    ch_bits = list(range(c0, nd)) + list(range(c0))
+    low = [0, 1] + [v + t for t in range(nl)]
+    nch = min(len(ch_bits), 3 - nl)
+    bases = [[0, 0, 1 << k] for k in low]
+    bases += [[1 << k, 0, 0] for k in ch_bits[:nch]]
+    bases += [[0, 0, 1 << k] for k in range(ns) if k not in low]
+    bases += [[0, 1 << t, 1 << (v + t)] for t in range(nl)]
+    bases += [[1 << k, 0, 0] for k in ch_bits[nch:]]
+    return gl.SharedLinearLayout(bases)
+
+
 @gluon.jit
 def _ex2(x, FAST: gl.constexpr):
     """2**x; FAST: the special-function unit's ``ex2.approx`` (flushes subnormal results to zero)."""
@@ -234,6 +265,7 @@ def _scan_fwd_gluon(
     BCT: gl.constexpr,
     FAST: gl.constexpr,
     CPT: gl.constexpr = 1,
+    SWIZZLE: gl.constexpr = True,
 ):
     """One program: BLOCK_D = CPT·(32/LPC)·W channels of one batch row over one chunk of the sequence.
 
@@ -243,7 +275,8 @@ def _scan_fwd_gluon(
     SPT states a lane, LPC lanes a channel, W warps a program, CPT channels a lane (each
     per-step read of B and C then serves CPT channels); BCT lanes along a packed (2·DSTATE)
     row in the B, C tile load. FAST and PF > 0 (the L2 prefetch hints, PF steps ahead) are
-    inline PTX: compiled code only.
+    inline PTX: compiled code only. SWIZZLE: the tile's partial sums of ``C h`` go through
+    shared memory without bank conflicts (``_sums_layout``).
     """
     CPW: gl.constexpr = CPT * (32 // LPC)
     BLOCK_D: gl.constexpr = CPW * W
@@ -266,7 +299,6 @@ def _scan_fwd_gluon(
     LG: gl.constexpr = gl.BlockedLayout([1, ROW // BCT], [32 // BCT, BCT], [W, 1], [1, 0])
     # shared memory, unswizzled; a layout of lower rank than its buffer leaves leading buffer axes
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
 
     pid_d, b, c, batch, _d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
     s_r = gl.arange(0, STEPS, layout=gl.SliceLayout(0, LR))[None, :]
@@ -288,7 +320,7 @@ def _scan_fwd_gluon(
 
     xs = gl.allocate_shared_memory(gl.float32, [2, BLOCK_D, STEPS], PLAIN2)
     bcs = gl.allocate_shared_memory(bc_ptr.dtype.element_ty, [2 * STEPS, DSTATE], PLAIN2)  # [2 step + (B or C), n]
-    ys = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], PLAIN3)
+    ys = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], _sums_layout(BLOCK_D, LPC, STEPS, CPT, SWIZZLE))
 
     row1 = (b * dim + d_c) * seqlen
     row = row1[:, None]
@@ -481,6 +513,7 @@ def _scan_bwd_gluon(
     ADJOINT_ONLY: gl.constexpr,
     BCT: gl.constexpr,
     FAST: gl.constexpr,
+    SWIZZLE: gl.constexpr = True,
 ):
     """The backward of mamba's discretisation for selective B and C, dstate 16, float32 compute.
 
@@ -533,7 +566,6 @@ def _scan_bwd_gluon(
     # a tile's states, (channel, state, step): each lane its SPT states of every step
     LH: gl.constexpr = gl.BlockedLayout([1, SPT, STEPS], [CPW, LPC, 1], [W, 1, 1], [2, 1, 0])
     PLAIN2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    PLAIN3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
 
     pid_d, b, c, batch, _d_s, state_offs, d_c, s_c, r_g, q_g = _program(BLOCK_D, DSTATE, STEPS, ROW, LS, LC, LG)
     col_x = gl.arange(0, 4, layout=gl.SliceLayout(0, LX))[None, :]
@@ -567,8 +599,12 @@ def _scan_bwd_gluon(
     if not ADJOINT_ONLY:
         hs = gl.allocate_shared_memory(gl.float32, [STEPS, BLOCK_D * DSTATE], PLAIN2)
         hq = hs.reshape([STEPS * BLOCK_D, DSTATE])
-        ys = gl.allocate_shared_memory(gl.float32, [3, BLOCK_D, LPC, STEPS], PLAIN3)
-        ws = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], PLAIN3)
+        # the tile's per-lane sums: y (for dz), the two for du and d dt, and the warp sums of dB, dC
+        SUMS: gl.constexpr = _sums_layout(BLOCK_D, LPC, STEPS, 1, SWIZZLE)
+        ys0 = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], SUMS)
+        ys1 = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], SUMS)
+        ys2 = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], SUMS)
+        ws = gl.allocate_shared_memory(gl.float32, [BLOCK_D, LPC, STEPS], SUMS)
 
     row1 = (b * dim + d_c) * seqlen
     row = row1[:, None]
@@ -655,7 +691,7 @@ def _scan_bwd_gluon(
                     ypart = gl.where(s_y == k, _lane_sum(C_k * h, L3S, SLOT, LPC, SPT)[:, :, None], ypart)
             hs.store(gl.reshape(gl.permute(states, (2, 0, 1)), [STEPS, BLOCK_D * DSTATE]))
             if HAS_Z:
-                ys.index(0).store(ypart)
+                ys0.store(ypart)
             # the adjoint, last step first; h is the state after step k
             s1part = gl.zeros([BLOCK_D, LPC, STEPS], gl.float32, L3Y)
             s2part = gl.zeros([BLOCK_D, LPC, STEPS], gl.float32, L3Y)
@@ -685,8 +721,8 @@ def _scan_bwd_gluon(
                 w_even, w_odd = _halves(w, P8, L1)
                 w = _exchange(w_even, w_odd, bit0, 4)
                 wpart = gl.where(s_y == kb, gl.convert_layout(w, SLOT, assert_trivial=True)[:, :, None], wpart)
-            ys.index(1).store(s1part)
-            ys.index(2).store(s2part)
+            ys1.store(s1part)
+            ys2.store(s2part)
             ws.store(wpart)
             gl.thread_barrier()
 
@@ -703,8 +739,8 @@ def _scan_bwd_gluon(
             dst = ((pid_d * batch + b) * seqlen + t_w) * ROW + mat * DSTATE + nn
             gl.store(dbc_ptr + dst, wsum, mask=(t_w < t_end) & (mat >= 0) & (nn >= 0))
 
-            s1 = gl.convert_layout(gl.sum(ys.index(1).load(L3R), axis=1), LC, assert_trivial=True)
-            s2 = gl.convert_layout(gl.sum(ys.index(2).load(L3R), axis=1), LC, assert_trivial=True)
+            s1 = gl.convert_layout(gl.sum(ys1.load(L3R), axis=1), LC, assert_trivial=True)
+            s2 = gl.convert_layout(gl.sum(ys2.load(L3R), axis=1), LC, assert_trivial=True)
             du = dt * s1 + Dv * dy
             ddt = s2 * 0.6931471805599453 + u * s1  # s2 was summed with A log2(e)
             if softplus != 0:
@@ -715,7 +751,7 @@ def _scan_bwd_gluon(
             gl.store(du_ptr + row + tt, du.to(du_ptr.dtype.element_ty), mask=mask)
             gl.store(ddelta_ptr + row + tt, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
             if HAS_Z:
-                y = gl.convert_layout(gl.sum(ys.index(0).load(L3R), axis=1), LC, assert_trivial=True)
+                y = gl.convert_layout(gl.sum(ys0.load(L3R), axis=1), LC, assert_trivial=True)
                 dz = dz_over_y * (y + Dv * u)
                 gl.store(dz_ptr + row + tt, dz.to(dz_ptr.dtype.element_ty), mask=mask)
     gl.store(g_final_ptr + chunk_state, g)

@@ -60,6 +60,8 @@ _options: dict[str, Any] = {
     "gluon_maxnreg": None,  # register cap of the Gluon forward (None: the compiler's choice)
     "gluon_cpt": 1,  # channels a lane of the Gluon forward (2: each per-step read of B, C serves two)
     "gluon_bc16": True,  # the Gluon kernels read 16-bit B, C packed in their dtype (False: in float32)
+    "gluon_swizzle": True,  # the Gluon kernels' partial sums of a tile go through shared memory swizzled
+    # (no bank conflicts; False: unswizzled, 4-way conflicts on the store at dstate 16)
     "bwd_maxnreg": None,  # register cap of the backward kernel
     "bwd_kernel": "gluon",  # "gluon": the Gluon backward where it applies (CUDA tensors, mamba's discretisation,
     # selective B and C, float32 compute, dstate 16 after padding); "triton": always the Triton backward
@@ -78,7 +80,7 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_cpt``, ``gluon_bc16``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
+    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_cpt``, ``gluon_bc16``, ``gluon_swizzle``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
     ``gluon_bwd_maxnreg``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
@@ -360,7 +362,8 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
         "d_blocks": dim // block_d,
         "chunks": chunks,
         "chunk_len": chunk_len,
-        "gluon": {"SPT": spt, "LPC": lpc, "W": warps, "STEPS": steps, "BCT": min(32, 2 * dstate // 4), "CPT": cpt},
+        "gluon": {"SPT": spt, "LPC": lpc, "W": warps, "STEPS": steps, "BCT": min(32, 2 * dstate // 4), "CPT": cpt,
+                  "SWIZZLE": bool(_options["gluon_swizzle"])},
     }
 
 
@@ -667,7 +670,7 @@ def _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus,
     dummy = _dummy(u, ct)
     common = {
         "DSTATE": dstate, "W": lay["warps"], "STEPS": lay["steps"], "HAS_Z": z is not None, "BCT": 8, "FAST": True,
-        "num_warps": lay["warps"],
+        "SWIZZLE": bool(_options["gluon_swizzle"]), "num_warps": lay["warps"],
     }
     if _options["gluon_bwd_maxnreg"]:
         common["maxnreg"] = _options["gluon_bwd_maxnreg"]
