@@ -13,9 +13,11 @@ portassm.set_backend("torch")
 g = torch.Generator(device="cuda").manual_seed(0)
 def r(*s): return torch.randn(*s, device="cuda", generator=g)
 batch, dim, seqlen, dstate = 2, 64, 200, 16
-kernels = [(f, b, m) for f in ("gluon", "triton") for b in ("gluon", "triton") for m in (1, 10**6)]
-for fwd_kernel, bwd_kernel, min_warps in kernels:  # both forwards and both backwards; whole sequences, then chunks
-    tt.configure(min_warps=min_warps, bwd_min_warps=min_warps, ck=16, fwd_kernel=fwd_kernel, bwd_kernel=bwd_kernel)
+kernels = [(f, b, m, True) for f in ("gluon", "triton") for b in ("gluon", "triton") for m in (1, 10**6)]
+kernels += [("gluon", "gluon", m, False) for m in (1, 10**6)]  # the Gluon forward's lane sums through shared memory
+for fwd_kernel, bwd_kernel, min_warps, shfl in kernels:  # both forwards and both backwards; whole sequences, then chunks
+    tt.configure(min_warps=min_warps, bwd_min_warps=min_warps, ck=16, fwd_kernel=fwd_kernel, bwd_kernel=bwd_kernel,
+                 gluon_shfl_sum=shfl)
     args = dict(u=r(batch, dim, seqlen), delta=r(batch, dim, seqlen) * 0.5, A=-torch.rand(dim, dstate, device="cuda") - 0.5,
                 B=r(batch, 2, dstate, seqlen), C=r(batch, 2, dstate, seqlen), D=r(dim), z=r(batch, dim, seqlen),
                 delta_bias=r(dim) * 0.1, initial_state=r(batch, dim, dstate))

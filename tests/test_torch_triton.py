@@ -356,7 +356,8 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
     Forward, last state and, through the checkpoints it keeps, every gradient of the Triton
     backward (grouped B, C, float32); then the forward alone with and without options and
     softplus, at dstate 3 (padded to 4), 4, 8, 32 and 64, with 2 warps a program and 8-step
-    tiles; an initial state; 16-bit inputs.
+    tiles; an initial state; 16-bit inputs. The lane sums by shuffles (the default) and
+    through shared memory, swizzled and not.
     """
     torch_triton.configure(fwd_kernel="gluon")
     grouped = make_case(rng, batch=2, dim=96, seqlen=300, dstate=16, form="grouped", groups=3, discretization=method)
@@ -374,15 +375,21 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
             (16, True, {"gluon_steps": 32}),
             (16, True, {"gluon_cpt": 2}),
             (8, False, {"gluon_cpt": 2, "gluon_warps": 2}),
-            (16, True, {"gluon_swizzle": False}),
-            (8, True, {"gluon_swizzle": False, "gluon_warps": 2}),
+            (16, True, {"gluon_swizzle": False, "gluon_shfl_sum": False}),
+            (8, True, {"gluon_swizzle": False, "gluon_shfl_sum": False, "gluon_warps": 2}),
+            (16, True, {"gluon_shfl_sum": False}),
+            (16, False, {"gluon_shfl_sum": False, "gluon_steps": 32, "gluon_warps": 2}),
+            (4, True, {"gluon_shfl_sum": False}),
+            (8, True, {"gluon_shfl_sum": False, "gluon_cpt": 2, "gluon_warps": 2}),
+            (64, True, {"gluon_shfl_sum": False}),
         ]
     ]
     for min_warps in (1, 10**6):  # whole sequences, then chunks scanned in parallel
         torch_triton.configure(min_warps=min_warps, bwd_min_warps=min_warps, gluon_warps=1, gluon_steps=16)
         _check_cuda(grouped.astype("float32"), "float32", rng)
         for case, cfg in forward_cases:
-            torch_triton.configure(**{"gluon_warps": 1, "gluon_steps": 16, "gluon_cpt": 1, "gluon_swizzle": True, **cfg})
+            torch_triton.configure(**{"gluon_warps": 1, "gluon_steps": 16, "gluon_cpt": 1, "gluon_swizzle": True,
+                                      "gluon_shfl_sum": True, **cfg})
             case = case.astype("float32")
             kw = _tensors(case, "cuda")
             out, last = portassm.scan(**kw, return_last_state=True)
@@ -390,8 +397,9 @@ def test_gpu_gluon_forward(torch_backend, rng, method):
             where = (case.A.shape, cfg, min_warps)
             assert rel_err(_np(out), ref_out) <= TOLERANCE["float32"], where
             assert rel_err(_np(last), ref_last) <= TOLERANCE["float32"], where
-    for cpt, dtype in ((1, torch.bfloat16), (1, torch.float16), (2, torch.bfloat16)):
-        torch_triton.configure(gluon_warps=1, gluon_steps=16, gluon_cpt=cpt)
+    for cpt, dtype, shfl in ((1, torch.bfloat16, True), (1, torch.float16, True), (2, torch.bfloat16, True),
+                             (1, torch.bfloat16, False)):
+        torch_triton.configure(gluon_warps=1, gluon_steps=16, gluon_cpt=cpt, gluon_shfl_sum=shfl)
         case = make_case(rng, batch=2, dim=64, seqlen=200, dstate=16, discretization=method)
         args = _tensors(case, "cuda", dtype=dtype)
         rounded = case.astype(np.float64)

@@ -266,6 +266,7 @@ def _scan_fwd_gluon(
     FAST: gl.constexpr,
     CPT: gl.constexpr = 1,
     SWIZZLE: gl.constexpr = True,
+    SHFL_SUM: gl.constexpr = False,
 ):
     """One program: BLOCK_D = CPT·(32/LPC)·W channels of one batch row over one chunk of the sequence.
 
@@ -276,7 +277,8 @@ def _scan_fwd_gluon(
     per-step read of B and C then serves CPT channels); BCT lanes along a packed (2·DSTATE)
     row in the B, C tile load. FAST and PF > 0 (the L2 prefetch hints, PF steps ahead) are
     inline PTX: compiled code only. SWIZZLE: the tile's partial sums of ``C h`` go through
-    shared memory without bank conflicts (``_sums_layout``).
+    shared memory without bank conflicts (``_sums_layout``); SHFL_SUM: they are summed over
+    a channel's lanes by shuffles instead (``_lane_fold``), with no shared memory.
     """
     CPW: gl.constexpr = CPT * (32 // LPC)
     BLOCK_D: gl.constexpr = CPW * W
@@ -399,9 +401,13 @@ def _scan_fwd_gluon(
                 y_k = gl.convert_layout(gl.sum(part, axis=2), gl.SliceLayout(2, L3Y), assert_trivial=True)
                 ypart = gl.where(s_y == k, y_k[:, :, None], ypart)
         if not STATE_ONLY:
-            ys.store(ypart)
-            gl.thread_barrier()
-            y = gl.convert_layout(gl.sum(ys.load(L3R), axis=1), LC, assert_trivial=True)
+            if SHFL_SUM:
+                y = _lane_fold(ypart, CPT, TPC, LPC, W, LC)
+                gl.thread_barrier()  # the tile's shared memory is read before the next tile writes it
+            else:
+                ys.store(ypart)
+                gl.thread_barrier()
+                y = gl.convert_layout(gl.sum(ys.load(L3R), axis=1), LC, assert_trivial=True)
             y = y + Dv * u
             if has_z != 0:
                 y = y * _silu(z_cur.to(gl.float32), FAST)
@@ -435,10 +441,18 @@ def _bfly(x, OFF: gl.constexpr):
         return gl.inline_asm_elementwise(
             "shfl.sync.bfly.b32 $0, $1, 8, 0x1f, -1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1
         )
-    else:
-        gl.static_assert(OFF == 4)
+    elif OFF == 4:
         return gl.inline_asm_elementwise(
             "shfl.sync.bfly.b32 $0, $1, 4, 0x1f, -1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1
+        )
+    elif OFF == 2:
+        return gl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, 2, 0x1f, -1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1
+        )
+    else:
+        gl.static_assert(OFF == 1)
+        return gl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, 1, 0x1f, -1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1
         )
 
 
@@ -449,6 +463,41 @@ def _exchange(lo, hi, bit, OFF: gl.constexpr):
     send = gl.where(bit, lo, hi)
     keep = gl.where(bit, hi, lo)
     return keep + _bfly(send, OFF)
+
+
+@gluon.jit
+def _fold(y, OFF: gl.constexpr, CPT: gl.constexpr, TPC: gl.constexpr, LPC: gl.constexpr, W: gl.constexpr):
+    """One level of the forward's lane sum: (channels, LPC, N) partial sums, each lane its own N
+    steps, to (channels, LPC, N/2): lanes whose lane bit OFF is set keep the upper half of the
+    steps and send the lower one to lane ^ OFF, the others the reverse (``_exchange``)."""
+    BD: gl.constexpr = y.shape[0]
+    N: gl.constexpr = y.shape[2]
+    L4: gl.constexpr = gl.BlockedLayout([CPT, 1, 2, N // 2], [TPC, LPC, 1, 1], [W, 1, 1, 1], [3, 2, 1, 0])
+    LH: gl.constexpr = gl.BlockedLayout([CPT, 1, N // 2], [TPC, LPC, 1], [W, 1, 1], [2, 1, 0])
+    halves = gl.convert_layout(gl.reshape(y, [BD, LPC, 2, N // 2]), L4, assert_trivial=True)
+    lo, hi = gl.split(gl.permute(halves, (0, 1, 3, 2)))
+    lo = gl.convert_layout(lo, LH, assert_trivial=True)
+    hi = gl.convert_layout(hi, LH, assert_trivial=True)
+    lane = gl.arange(0, LPC, layout=gl.SliceLayout(0, gl.SliceLayout(2, LH)))[None, :, None]
+    return _exchange(lo, hi, (lane & OFF) != 0, OFF)
+
+
+@gluon.jit
+def _lane_fold(ypart, CPT: gl.constexpr, TPC: gl.constexpr, LPC: gl.constexpr, W: gl.constexpr, LC: gl.constexpr):
+    """The forward's partial sums of a tile, (channels, LPC, STEPS) with each lane its STEPS,
+    summed over a channel's LPC lanes by a transposed butterfly (log2 LPC levels of shuffles,
+    the highest lane bit first): each lane ends with its VEC = STEPS / LPC steps of the sums
+    in the coalesced layout LC, as the shared-memory round trip leaves them."""
+    y = ypart
+    if LPC >= 16:
+        y = _fold(y, 8, CPT, TPC, LPC, W)
+    if LPC >= 8:
+        y = _fold(y, 4, CPT, TPC, LPC, W)
+    if LPC >= 4:
+        y = _fold(y, 2, CPT, TPC, LPC, W)
+    if LPC >= 2:
+        y = _fold(y, 1, CPT, TPC, LPC, W)
+    return gl.convert_layout(gl.reshape(y, [y.shape[0], y.shape[1] * y.shape[2]]), LC, assert_trivial=True)
 
 
 @gluon.jit

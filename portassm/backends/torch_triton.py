@@ -62,6 +62,8 @@ _options: dict[str, Any] = {
     "gluon_bc16": True,  # the Gluon kernels read 16-bit B, C packed in their dtype (False: in float32)
     "gluon_swizzle": True,  # the Gluon kernels' partial sums of a tile go through shared memory swizzled
     # (no bank conflicts; False: unswizzled, 4-way conflicts on the store at dstate 16)
+    "gluon_shfl_sum": True,  # the Gluon forward sums a tile's C h over a channel's lanes by shuffles
+    # (False: a round trip through shared memory, swizzled as gluon_swizzle says)
     "bwd_maxnreg": None,  # register cap of the backward kernel
     "bwd_kernel": "gluon",  # "gluon": the Gluon backward where it applies (CUDA tensors, mamba's discretisation,
     # selective B and C, float32 compute, dstate 16 after padding); "triton": always the Triton backward
@@ -80,7 +82,7 @@ def configure(**options: Any) -> None:
     """Set backend options (see ``_options``): ``device``, ``kernels`` ("auto", "triton", "torch"),
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
-    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_cpt``, ``gluon_bc16``, ``gluon_swizzle``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
+    ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_cpt``, ``gluon_bc16``, ``gluon_swizzle``, ``gluon_shfl_sum``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
     ``gluon_bwd_maxnreg``, ``direct_step``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
@@ -363,7 +365,7 @@ def _gluon_layout(batch, dim, seqlen, dim_per_group, dstate, ct, B_vary, C_vary,
         "chunks": chunks,
         "chunk_len": chunk_len,
         "gluon": {"SPT": spt, "LPC": lpc, "W": warps, "STEPS": steps, "BCT": min(32, 2 * dstate // 4), "CPT": cpt,
-                  "SWIZZLE": bool(_options["gluon_swizzle"])},
+                  "SWIZZLE": bool(_options["gluon_swizzle"]), "SHFL_SUM": bool(_options["gluon_shfl_sum"])},
     }
 
 
