@@ -15,6 +15,7 @@ Three tiers:
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -134,6 +135,66 @@ def test_gluon_forward_tiles_meet_the_checkpoints(torch_backend, monkeypatch):
         assert (before_bwd["steps"], before_bwd["gluon"]["STEPS"], before_bwd["ck"]) == (16, 16, 16)
     finally:
         torch_triton.configure(gluon_steps=16)
+
+
+def _sums_addresses(layout, block_d, lpc, steps):
+    """Word offset of each (channel, lane, step) of a (block_d, lpc, steps) shared buffer: the
+    unswizzled row-major one for a plain layout, else the XOR of the linear layout's bases."""
+    if not hasattr(layout, "offset_bases"):
+        return {(ch, l, s): (ch * lpc + l) * steps + s for ch in range(block_d) for l in range(lpc) for s in range(steps)}
+    inverse = {}
+    for offset in range(block_d * lpc * steps):
+        index = [0, 0, 0]
+        for bit, basis in enumerate(layout.offset_bases):
+            if offset >> bit & 1:
+                index = [a ^ b for a, b in zip(index, basis)]
+        inverse[tuple(index)] = offset
+    return inverse
+
+
+def _excess_wavefronts(addr, block_d, lpc, steps, cpt, warps):
+    """Wavefronts beyond one a quarter-warp of the 16-byte accesses of the Gluon forward's partial
+    sums: the store (each lane its row of steps) and the read back (each lane VEC steps of its
+    channel's lpc rows), lanes numbered as the kernels' blocked layouts number them."""
+    tpc, vec = 32 // lpc, steps // lpc
+    excess = 0
+    for w in range(warps):
+        for c in range(cpt):
+            accesses = []
+            for j in range(steps // 4):  # the store: lane (channel slot, l) writes steps 4j .. 4j + 3
+                accesses.append([((w * tpc + t // lpc) * cpt + c, t % lpc, 4 * j) for t in range(32)])
+            for i in range(lpc):  # the read: lane (channel slot, j) reads row i, steps j vec + 4 v ..
+                for v in range(vec // 4):
+                    accesses.append([((w * tpc + t // lpc) * cpt + c, i, (t % lpc) * vec + 4 * v) for t in range(32)])
+            for lanes in accesses:
+                for q in range(4):
+                    starts = [addr[e] for e in lanes[8 * q : 8 * q + 8]]
+                    assert all(a % 4 == 0 for a in starts) and all(
+                        addr[(ch, l, s + k)] == addr[(ch, l, s)] + k for ch, l, s in lanes for k in range(4)
+                    )
+                    groups = collections.Counter((a // 4) % 8 for a in set(starts))
+                    excess += max(groups.values()) - 1
+    return excess
+
+
+@pytest.mark.parametrize("dstate,warps,steps,cpt", [(16, 2, 16, 1), (16, 1, 32, 1), (8, 2, 16, 1), (16, 2, 16, 2),
+                                                    (32, 1, 32, 1), (64, 1, 64, 1), (4, 2, 16, 1)])
+def test_gluon_partial_sums_layout_is_conflict_free(dstate, warps, steps, cpt):
+    """The swizzled shared layout of the Gluon kernels' partial sums (``_sums_layout``) is a
+    bijection whose store and read back are free of bank conflicts, where the unswizzled one
+    is not (dstate 16: 4-way stores, 2-way reads); no GPU needed."""
+    pytest.importorskip("triton.experimental.gluon")
+    from portassm.backends import gluon_kernels
+
+    lpc = dstate // 4
+    block_d = cpt * (32 // lpc) * warps
+    layout = gluon_kernels._sums_layout(block_d, lpc, steps, cpt, True)
+    addr = _sums_addresses(layout, block_d, lpc, steps)
+    assert sorted(addr.values()) == list(range(block_d * lpc * steps))
+    assert _excess_wavefronts(addr, block_d, lpc, steps, cpt, warps) == 0
+    plain = _sums_addresses(gluon_kernels._sums_layout(block_d, lpc, steps, cpt, False), block_d, lpc, steps)
+    if lpc > 1:
+        assert _excess_wavefronts(plain, block_d, lpc, steps, cpt, warps) > 0
 
 
 def test_gluon_backward_selection(torch_backend, monkeypatch):
