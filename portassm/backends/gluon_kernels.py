@@ -18,9 +18,10 @@ the tiles go through shared memory once per tile, so a step is the recurrence al
   in float32) are loaded one tile ahead and staged in shared memory; a step reads its
   lane's SPT entries of each with one vector load at a fixed offset;
 * ``C h`` is summed only within the lane per step (SPT products); the LPC partial sums of
-  every step are reduced once per tile through shared memory, which leaves each lane with
-  VEC finished outputs in the coalesced layout of the store, where D u and the z gate are
-  applied.
+  every step are reduced once per tile by a transposed butterfly of shuffles
+  (``_lane_fold``; or through shared memory, swizzled free of bank conflicts:
+  ``_sums_layout``), which leaves each lane with VEC finished outputs in the coalesced
+  layout of the store, where D u and the z gate are applied.
 
 A step for 4 states of a lane: 4 multiplies, 4 ``ex2.approx``, 4 multiplies and 4 FMAs
 for the state, 4 for ``C h``, 2 shared-memory loads. Softplus and the SiLU gate use the
