@@ -15,16 +15,17 @@ import sys
 def main(path):
     with open(path, newline="") as f:
         lines = f.read().splitlines()
-    # the page holds one table a kernel, each after a line naming it; tables start at a header with "Source"
+    # the page holds one table a kernel: a line "Kernel Name",NAME, then the header ("Address",
+    # "Source", ...) and one row an instruction
     tables, name, rows = [], "?", None
     for line in lines:
-        if line.startswith('"#"') or line.startswith('"Address"') or line.startswith('"# Address"') or "\"Source\"" in line[:40]:
+        if line.startswith('"Kernel Name"'):
+            name, rows = next(csv.reader([line]))[1], None
+        elif line.startswith('"Address"'):
             rows = [line]
             tables.append((name, rows))
         elif rows is not None and line.startswith('"'):
             rows.append(line)
-        else:
-            name, rows = line.strip()[:90] or name, None
     if not tables:
         print("no source table in", path)
         print("\n".join(lines[:8]))
