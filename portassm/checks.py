@@ -35,6 +35,8 @@ def dtype_name(x: Any) -> str:
 
 _libraries: dict[type, str] = {}
 _is_float: dict[Any, bool] = {}
+#: per backend module, (array type, dtype) -> whether such arrays are the backend's own floating arrays
+_native_float: dict[Any, dict[tuple[Any, Any], bool]] = {}
 
 
 def library(x: Any) -> str:
@@ -197,26 +199,40 @@ def native_step_args(backend: Any, state, x, dt, A, B, C, D, z, dt_bias, discret
     (single-group B and C), and the method is known; ``None`` otherwise, and the caller
     then runs :func:`to_backend` and :func:`step_args`, which convert and explain.
 
-    Decoding calls this once a token and layer, so it does no more than a few
-    ``isinstance`` tests, dictionary lookups and tuple comparisons (about 1.5 us).
+    Decoding calls this once a token and layer, so it does no more than a dictionary lookup
+    an array (is it the backend's own floating array? cached by type and dtype) and plain
+    tuple comparisons of the shapes (torch's ``Size`` arithmetic costs more than a tuple's).
     """
     if state is None or x is None or dt is None or A is None or B is None or C is None:
         return None  # the caller's checks name the missing one
-    is_native = backend.module.is_native
-    is_float = _is_float
+    module = backend.module
+    known = _native_float.get(module)
+    if known is None:
+        known = _native_float[module] = {}
     for v in (state, x, dt, A, B, C, D, z, dt_bias):
-        if v is not None and not (is_native(v) and is_float.get(v.dtype, False)):
+        if v is None:
+            continue
+        key = (type(v), v.dtype)
+        ok = known.get(key)
+        if ok is None:
+            ok = known[key] = bool(module.is_native(v)) and dtype_name(v) in FLOAT_DTYPES
+        if not ok:
             return None
     shape = x.shape
-    dim_ = shape[1:]
-    n = A.shape[1:]
+    if len(shape) != 2 or dt.shape != shape or discretization not in METHODS:
+        return None
+    batch, dim = shape
+    a_shape = A.shape
+    if len(a_shape) != 2 or a_shape[0] != dim:
+        return None
+    bn = (batch, a_shape[1])
     if (
-        len(shape) == 2 and dt.shape == shape and A.shape[:1] == dim_ and B.shape == C.shape == shape[:1] + n
-        and state.shape == shape + n and (z is None or z.shape == shape) and (D is None or D.shape == dim_)
-        and (dt_bias is None or dt_bias.shape == dim_) and discretization in METHODS
+        B.shape != bn or C.shape != bn or state.shape != (batch, dim, bn[1])
+        or (z is not None and z.shape != shape) or (D is not None and D.shape != (dim,))
+        or (dt_bias is not None and dt_bias.shape != (dim,))
     ):
-        return B[:, None], C[:, None]
-    return None
+        return None
+    return B[:, None], C[:, None]
 
 
 def step_args(state, x, dt, A, B, C, D, z, dt_bias, discretization) -> tuple[Any, Any]:

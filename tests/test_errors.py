@@ -74,6 +74,39 @@ def test_bad_step_inputs(backend, rng):
             portassm.scan_step(*args[:i], None, *args[i + 1:])
 
 
+def test_step_fast_path_takes_only_the_usual_case(backend, rng):
+    """``checks.native_step_args``: B and C as (batch, 1, dstate) views when every array is the
+    backend's own floating array of the usual shapes; None (the full checks then run) for
+    anything else: a foreign or integer array, any shape off, an unknown method."""
+    from portassm import checks
+
+    to = backend.asarray
+    a = {
+        "state": to(rng.standard_normal((2, 6, 4))), "x": to(rng.standard_normal((2, 6))),
+        "dt": to(rng.standard_normal((2, 6))), "A": to(-np.ones((6, 4))), "B": to(rng.standard_normal((2, 4))),
+        "C": to(rng.standard_normal((2, 4))), "D": to(np.ones(6)), "z": to(rng.standard_normal((2, 6))),
+        "dt_bias": to(np.ones(6)),
+    }
+    fast = lambda **kw: checks.native_step_args(backend, **{**a, "discretization": "mamba", **kw})
+    for _ in range(2):  # the second time from the cache of native float types
+        B3, C3 = fast()
+        assert tuple(B3.shape) == tuple(C3.shape) == (2, 1, 4)
+        assert np.array_equal(backend.to_numpy(B3)[:, 0], backend.to_numpy(a["B"]))
+    assert fast(D=None, z=None, dt_bias=None) is not None
+    assert fast(discretization="rk4") is None
+    assert fast(dt=to(np.ones((2, 6), dtype=np.int64))) is None
+    if not backend.is_native(np.ones(1)):
+        assert fast(x=np.ones((2, 6))) is None  # a NumPy array given to a device backend: converted
+    off = {
+        "state": (2, 6, 3), "x": (3, 6), "dt": (2, 5), "A": (5, 4), "B": (2, 3), "C": (1, 4), "D": (5,),
+        "z": (2, 5), "dt_bias": (7,),
+    }
+    for name, shape in off.items():
+        assert fast(**{name: to(np.ones(shape))}) is None, name
+    assert fast(B=to(np.ones((2, 1, 4)))) is None  # grouped B: the full checks take it
+    assert fast(x=to(np.ones((2, 6, 1)))) is None
+
+
 def test_bad_vjp_and_conv_inputs(backend, rng):
     case = make_case(rng)
     kw = case.kwargs(backend.asarray)
