@@ -267,7 +267,7 @@ def _scan_fwd_gluon(
     FAST: gl.constexpr,
     CPT: gl.constexpr = 1,
     SWIZZLE: gl.constexpr = True,
-    SHFL_SUM: gl.constexpr = False,
+    SHFL_SUM: gl.constexpr = True,
 ):
     """One program: BLOCK_D = CPT·(32/LPC)·W channels of one batch row over one chunk of the sequence.
 
