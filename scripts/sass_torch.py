@@ -33,8 +33,9 @@ TENSORS_16 = ("u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "d
 COMMON = {"STATE_ONLY": False, "FAST": True}
 
 DEFAULTS = {
-    "gluon": {"DSTATE": 16, "SPT": 4, "LPC": 4, "W": 2, "STEPS": 16, "CK": 32, "MODE": 0, "CPT": 1},
-    "gluon_bwd": {"DSTATE": 16, "W": 2, "STEPS": 16, "HAS_Z": True, "ADJOINT_ONLY": False, "BCT": 8},
+    "gluon": {"DSTATE": 16, "SPT": 4, "LPC": 4, "W": 2, "STEPS": 16, "CK": 32, "MODE": 0, "CPT": 1, "SWIZZLE": True,
+              "SHFL_SUM": True},
+    "gluon_bwd": {"DSTATE": 16, "W": 4, "STEPS": 16, "HAS_Z": True, "ADJOINT_ONLY": False, "BCT": 8, "SWIZZLE": True},
     "triton": {"DSTATE": 16, "BLOCK_D": 32, "STEPS": 16, "CK": 32, "MODE": 0, "B_VARY": True, "C_VARY": True},
 }
 
