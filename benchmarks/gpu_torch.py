@@ -15,7 +15,10 @@ Peak memory of forward + backward is compared with the inputs, outputs and gradi
 Prints a markdown table (before the optional sweep); writes it to ``$OUT/torch_table.md`` when OUT is set.
 Options: ``--sizes N,N`` (indices into SIZES), ``--sweep`` (the forward's layouts, prefetch,
 warps, register caps and chunking; the backward's blocking, register cap and chunking, at
-the first size and at batch 1), ``--quick`` (fewer repetitions), ``--precompile N`` (compile
+the first size and at batch 1), ``--quick`` (fewer repetitions), ``--rounds N`` (each size and dtype timed N times
+round-robin on fresh inputs; the median of the medians, with their range), ``--graph`` (also the
+host's microseconds a call and the forward and forward+backward replayed from a CUDA graph, which
+takes the host's pace out of the figure), ``--precompile N`` (compile
 every configuration the run will time in N processes first: Triton's disk cache then serves
 the timed runs, so compiling stays out of the numbers and off the critical path),
 ``--only-precompile``, ``--gluon`` (the Gluon forward with 1 and 2 warps a program beside the Triton
@@ -28,12 +31,15 @@ one at each size and dtype: forward, then forward+backward through autograd),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 
 import torch
+import triton
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,6 +104,45 @@ def bench(fn, quick):
     return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
 
 
+_GRAPH = [False]  # --graph: also host time per call and CUDA-graph replays
+_EXTRA: dict = {}
+
+
+def host_us(fn, no_grad=False, calls=20):
+    """Host microseconds a call (median), each call made from an idle GPU: the host's own
+    time, with no launch queue to wait on."""
+    times = []
+    with torch.no_grad() if no_grad else contextlib.nullcontext():
+        fn()
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def graphed(fn, quick, no_grad=False):
+    """ms per replay of ``fn`` captured in a CUDA graph (do_bench over replays: one launch each,
+    so the host's pace stays out), or None when capture fails (the reason printed)."""
+    try:
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+        return bench(graph.replay, quick)
+    except Exception as exc:  # noqa: BLE001 -- a capture that fails is reported, not hidden
+        print(f"CUDA graph capture failed: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def time_scan(size, dtype_name, quick, with_backward=True):
     dtype = DTYPES[dtype_name]
     t = inputs(*size, dtype, invariant=_INVARIANT[0])
@@ -114,6 +159,13 @@ def time_scan(size, dtype_name, quick, with_backward=True):
         portassm.scan(**tg, delta_softplus=True).backward(dout)
 
     both = bench(fwd_bwd, quick)
+    if _GRAPH[0]:
+        _EXTRA[(size, dtype_name)] = {
+            "host_f": host_us(lambda: portassm.scan(**t, delta_softplus=True), no_grad=True),
+            "host_b": host_us(fwd_bwd),
+            "graph_f": graphed(lambda: portassm.scan(**t, delta_softplus=True), quick, no_grad=True),
+            "graph_b": graphed(fwd_bwd, quick),
+        }
     # peak memory of one forward + backward: what it allocates on top of its inputs and
     # dout, plus those, against inputs + dout + out + gradients
     t.clear()  # free the forward's inputs
@@ -160,7 +212,17 @@ def time_step(quick, reps=True):
             _, new = torch_triton.scan_step(state, x, dt, A, B, C, D, z, bias, True, "mamba")
             state.copy_(new)
     graphed = bench(graph.replay, quick) * 1e3 / steps
-    return public, backend, graphed
+    # the host's pace: one ATen elementwise launch and one launch of an empty Triton kernel
+    # through Triton's own launcher, the floors any Python-launched step stands on
+    y = torch.zeros(1, dim, device=dev)
+    aten = bench(lambda: y.add_(1.0), quick) * 1e3
+    empty = bench(lambda: _empty_kernel[(1,)](y), quick) * 1e3
+    return public, backend, graphed, aten, empty
+
+
+@triton.jit
+def _empty_kernel(p):
+    pass
 
 
 #: the sweep: (name, options, size index, dtypes, with forward+backward)
@@ -195,9 +257,18 @@ GLUON_VARIANTS = [
     ("gluon, 8-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 8}),
     ("gluon, L2 prefetch 64 steps ahead", {"fwd_kernel": "gluon", "prefetch": 32}),
     ("gluon, no prefetch", {"fwd_kernel": "gluon", "prefetch": 0}),
-    ("gluon, partial sums through shared memory unswizzled", {"fwd_kernel": "gluon", "gluon_shfl_sum": False, "gluon_swizzle": False}),
-    ("gluon, lane sums through shared memory, swizzled (gluon_shfl_sum=False)", {"fwd_kernel": "gluon", "gluon_shfl_sum": False}),
-    ("gluon, lane sums through shared memory, 1 warp", {"fwd_kernel": "gluon", "gluon_shfl_sum": False, "gluon_warps": 1}),
+    (
+        "gluon, partial sums through shared memory unswizzled",
+        {"fwd_kernel": "gluon", "gluon_shfl_sum": False, "gluon_swizzle": False},
+    ),
+    (
+        "gluon, lane sums through shared memory, swizzled (gluon_shfl_sum=False)",
+        {"fwd_kernel": "gluon", "gluon_shfl_sum": False},
+    ),
+    (
+        "gluon, lane sums through shared memory, 1 warp",
+        {"fwd_kernel": "gluon", "gluon_shfl_sum": False, "gluon_warps": 1},
+    ),
     ("gluon, shuffles, 32-step tiles", {"fwd_kernel": "gluon", "gluon_steps": 32}),
     ("gluon, shuffles, 1 warp", {"fwd_kernel": "gluon", "gluon_warps": 1}),
     ("gluon, B and C packed in float32 (gluon_bc16=False)", {"fwd_kernel": "gluon", "gluon_bc16": False}),
@@ -332,35 +403,47 @@ def compare(rows, quick, what):
     return lines
 
 
-def run_sizes(which, quick):
+def run_sizes(which, quick, rounds=1):
+    """Each size and dtype timed ``rounds`` times, round-robin over the sizes, on fresh inputs
+    each time: the median of the rounds' medians is reported, with their range."""
+    times = {}
+    peaks = {}
+    for r in range(rounds):
+        for i in which:
+            size = SIZES[i]
+            for dtype_name in ("float32", "bfloat16"):
+                t0 = time.time()
+                fwd, both, peak, io = time_scan(size, dtype_name, quick)
+                times.setdefault((size, dtype_name), []).append((fwd, both))
+                peaks[(size, dtype_name)] = (peak, io)
+                off_f, off_b = OFFICIAL[(size, dtype_name)]
+                print(
+                    f"{'' if rounds == 1 else f'round {r + 1}: '}{size} {dtype_name}: fwd {fwd:.3f} ms "
+                    f"({fwd / off_f:.2f}x official), fwd+bwd {both:.3f} ms ({both / off_b:.2f}x), peak "
+                    f"{peak / 2**20:.0f} MiB vs io {io / 2**20:.0f} MiB [{time.time() - t0:.0f} s incl. compile]",
+                    flush=True,
+                )
     rows = []
-    for i in which:
-        size = SIZES[i]
-        for dtype_name in ("float32", "bfloat16"):
-            t0 = time.time()
-            fwd, both, peak, io = time_scan(size, dtype_name, quick)
-            off_f, off_b = OFFICIAL[(size, dtype_name)]
-            dtype = DTYPES[dtype_name]
-            rows.append(
-                {
-                    "size": size,
-                    "dtype": dtype_name,
-                    "fwd": fwd,
-                    "both": both,
-                    "off_f": off_f,
-                    "off_b": off_b,
-                    "floor_f": floor_ms(size, dtype, 4),
-                    "floor_b": floor_ms(size, dtype, 11),
-                    "peak": peak,
-                    "io": io,
-                }
-            )
-            print(
-                f"{size} {dtype_name}: fwd {fwd:.3f} ms ({fwd / off_f:.2f}x official), fwd+bwd {both:.3f} ms "
-                f"({both / off_b:.2f}x), peak {peak / 2**20:.0f} MiB vs io {io / 2**20:.0f} MiB "
-                f"[{time.time() - t0:.0f} s incl. compile]",
-                flush=True,
-            )
+    for (size, dtype_name), runs in times.items():
+        fwds, boths = [f for f, _ in runs], [b for _, b in runs]
+        off_f, off_b = OFFICIAL[(size, dtype_name)]
+        dtype = DTYPES[dtype_name]
+        rows.append(
+            {
+                "size": size,
+                "dtype": dtype_name,
+                "fwd": statistics.median(fwds),
+                "both": statistics.median(boths),
+                "fwd_range": (min(fwds), max(fwds)),
+                "both_range": (min(boths), max(boths)),
+                "off_f": off_f,
+                "off_b": off_b,
+                "floor_f": floor_ms(size, dtype, 4),
+                "floor_b": floor_ms(size, dtype, 11),
+                "peak": peaks[(size, dtype_name)][0],
+                "io": peaks[(size, dtype_name)][1],
+            }
+        )
     return rows
 
 
@@ -407,14 +490,33 @@ def table(rows, step):
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    spread = lambda lo_hi: "" if lo_hi[0] == lo_hi[1] else f" ({lo_hi[0]:.3f}–{lo_hi[1]:.3f})"
     for r in rows:
         out.append(
-            f"| {', '.join(map(str, r['size']))} | {r['dtype']} | {r['fwd']:.3f} | {r['fwd'] / r['off_f']:.2f}x "
-            f"| {r['floor_f'] / r['fwd']:.0%} | {r['both']:.3f} | {r['both'] / r['off_b']:.2f}x "
-            f"| {r['floor_b'] / r['both']:.0%} | {r['peak'] / 2**20:.0f} / {r['io'] / 2**20:.0f} MiB |"
+            f"| {', '.join(map(str, r['size']))} | {r['dtype']} | {r['fwd']:.3f}{spread(r['fwd_range'])} "
+            f"| {r['fwd'] / r['off_f']:.2f}x | {r['floor_f'] / r['fwd']:.0%} | {r['both']:.3f}{spread(r['both_range'])} "
+            f"| {r['both'] / r['off_b']:.2f}x | {r['floor_b'] / r['both']:.0%} | {r['peak'] / 2**20:.0f} / {r['io'] / 2**20:.0f} MiB |"
         )
+    if _EXTRA:
+        fmt = lambda v: "capture failed" if v is None else f"{v:.3f}"
+        out += [
+            "",
+            (
+                "| batch, dim, seqlen, dstate | dtype | fwd in a CUDA graph ms | fwd+bwd in a CUDA graph ms "
+                "| vs official | host µs a call: fwd / fwd+bwd |"
+            ),
+            "|---|---|---|---|---|---|",
+        ]
+        for (size, dtype_name), e in _EXTRA.items():
+            ratio = "" if e["graph_b"] is None else f"{e['graph_b'] / OFFICIAL[(size, dtype_name)][1]:.2f}x"
+            out.append(
+                f"| {', '.join(map(str, size))} | {dtype_name} | {fmt(e['graph_f'])} | {fmt(e['graph_b'])} | {ratio} "
+                f"| {e['host_f']:.0f} / {e['host_b']:.0f} |"
+            )
+    if any(r["fwd_range"][0] != r["fwd_range"][1] for r in rows):
+        out += ["", "Each time is the median of the rounds' do_bench medians (their range in brackets)."]
     if step is not None:
-        public, backend, graphed = step
+        public, backend, graphed, aten, empty = step
         out += [
             "",
             "| decode step, batch 1, dim 1536, dstate 16 | µs | vs official 51 µs |",
@@ -422,6 +524,8 @@ def table(rows, step):
             f"| portassm.scan_step (checks + launch) | {public:.1f} | {public / OFFICIAL_STEP_US:.2f}x |",
             f"| backend scan_step (launch only) | {backend:.1f} | {backend / OFFICIAL_STEP_US:.2f}x |",
             f"| CUDA graph of 64 steps, per step | {graphed:.1f} | {graphed / OFFICIAL_STEP_US:.2f}x |",
+            f"| host's pace: one torch elementwise launch (`y.add_(1)`) | {aten:.1f} | |",
+            f"| host's pace: an empty Triton kernel through Triton's launcher | {empty:.1f} | |",
         ]
     return "\n".join(out)
 
@@ -432,11 +536,19 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-step", action="store_true")
+    parser.add_argument(
+        "--graph", action="store_true", help="also host µs a call and CUDA-graph replays of fwd, fwd+bwd"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="time each size this many times, round-robin; report the median"
+    )
     parser.add_argument("--precompile", type=int, default=0, metavar="N", help="compile in N processes first")
     parser.add_argument("--only-precompile", action="store_true")
     parser.add_argument("--gluon", action="store_true", help="only the Gluon forward beside the Triton one")
     parser.add_argument("--gluon-variants", action="store_true", help="the Gluon forward's variants at each size asked")
-    parser.add_argument("--only", default="", help="with --gluon-variants or --bwd: only those whose label contains this (several: a|b)")
+    parser.add_argument(
+        "--only", default="", help="with --gluon-variants or --bwd: only those whose label contains this (several: a|b)"
+    )
     parser.add_argument("--bwd", action="store_true", help="only the Gluon backward beside the Triton one")
     args = parser.parse_args()
     which = [int(i) for i in args.sizes.split(",") if i]
@@ -459,10 +571,15 @@ def main():
         print("\n".join(lines), flush=True)
         write("\n".join(lines), name)
         return
+    _GRAPH[0] = args.graph
     step = None if args.no_step else time_step(args.quick)
     if step:
-        print(f"step: public {step[0]:.1f} µs, backend {step[1]:.1f} µs, graph {step[2]:.1f} µs", flush=True)
-    rows = run_sizes(which, args.quick)
+        print(
+            f"step: public {step[0]:.1f} µs, backend {step[1]:.1f} µs, graph {step[2]:.1f} µs; "
+            f"host's pace: torch add_ {step[3]:.1f} µs, empty Triton kernel {step[4]:.1f} µs",
+            flush=True,
+        )
+    rows = run_sizes(which, args.quick, args.rounds)
     text = table(rows, step)
     print()
     print(text, flush=True)

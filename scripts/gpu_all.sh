@@ -53,7 +53,7 @@ want bench_model && step bench_model python3 benchmarks/bench_model.py --device 
 want bench_scaling && step bench_scaling python3 -m portassm bench --scaling --memory --backends torch cupy \
   --max-time 0.5 --json "$OUT/bench_scaling.json" --markdown "$OUT/scaling_table.md"
 want bench_cupy && step bench_cupy python3 benchmarks/gpu_cupy.py ${CUPY_BENCH_ARGS:-}
-want bench_torch && step bench_torch python3 benchmarks/gpu_torch.py --quick ${TORCH_BENCH_ARGS:-}
+want bench_torch && step bench_torch python3 benchmarks/gpu_torch.py --quick --graph ${TORCH_BENCH_ARGS:-}
 
 echo
 echo "## failures"

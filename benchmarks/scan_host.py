@@ -1,0 +1,132 @@
+"""Where a scan call's host time goes on CUDA tensors (torch backend): forward, forward+backward.
+
+Host microseconds per call over calls back to back (``time.perf_counter``, the GPU's queue
+left to run), then a cProfile of each, sorted by own time; first the host's pace (a torch
+``add_``) and any synchronisation one call makes (torch's sync debug mode warns of it).
+
+    python3 benchmarks/scan_host.py [batch dim seqlen dstate] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import time
+
+import torch
+
+import portassm
+
+ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("size", nargs="*", type=int, default=[8, 1536, 2048, 16])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    batch, dim, seqlen, dstate = args.size
+    dtype = getattr(torch, args.dtype)
+    portassm.set_backend("torch")
+    dev = "cuda"
+
+    def make(requires_grad):
+        g = lambda shape, dt=dtype: torch.randn(*shape, device=dev, dtype=dt).requires_grad_(requires_grad)
+        return {
+            "u": g((batch, dim, seqlen)),
+            "delta": g((batch, dim, seqlen)),
+            "A": (-(torch.rand(dim, dstate, device=dev) + 0.5)).requires_grad_(requires_grad),
+            "B": g((batch, dstate, seqlen)),
+            "C": g((batch, dstate, seqlen)),
+            "D": g((dim,), torch.float32),
+            "z": g((batch, dim, seqlen)),
+            "delta_bias": g((dim,), torch.float32),
+        }
+
+    t, tg = make(False), make(True)
+    dout = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            portassm.scan(**t, delta_softplus=True)
+
+    def fwd_bwd():
+        for v in tg.values():
+            v.grad = None
+        portassm.scan(**tg, delta_softplus=True).backward(dout)
+
+    # the host's pace for scale: one small torch launch
+    y = torch.zeros(1, 1536, device=dev)
+    add = lambda: y.add_(1.0)
+    for _ in range(100):
+        add()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(1000):
+        add()
+    print(f"host's pace: {(time.perf_counter() - start) * 1e3:.1f} µs of host time a torch add_", flush=True)
+    torch.cuda.synchronize()
+    # a call that waits on the GPU (a synchronising copy or item) would show here as a warning
+    torch.cuda.set_sync_debug_mode("warn")
+    fwd()
+    fwd_bwd()
+    torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    split = []  # forward with autograd, then backward, from an idle GPU
+    for _ in range(20):
+        for v in tg.values():
+            v.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = portassm.scan(**tg, delta_softplus=True)
+        t1 = time.perf_counter()
+        out.backward(dout)
+        t2 = time.perf_counter()
+        split.append(((t1 - t0) * 1e6, (t2 - t1) * 1e6))
+        del out
+    torch.cuda.synchronize()
+    print(
+        f"host time from an idle GPU: forward with autograd {statistics.median(a for a, _ in split):.0f} µs, "
+        f"backward {statistics.median(b for _, b in split):.0f} µs",
+        flush=True,
+    )
+    for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        calls = 20
+        before = torch.cuda.memory_stats()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_stats()
+        alone = []  # each call from an idle GPU: the host's own time, no queue to wait on
+        for _ in range(calls):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            alone.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+        print(f"{name}: {statistics.median(alone):.0f} µs of host time a call from an idle GPU (median of {calls})")
+        # the caching allocator going back to the driver (cudaMalloc / cudaFree, which waits
+        # for the device) shows as device allocations, frees or retries during the calls
+        moved = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOCATOR_EVENTS}
+        print(
+            f"{name}: {host:.0f} µs of host time a call back to back; allocator over {calls} calls: {moved}", flush=True
+        )
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
