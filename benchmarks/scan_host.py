@@ -1,7 +1,8 @@
 """Where a scan call's host time goes on CUDA tensors (torch backend): forward, forward+backward.
 
 Host microseconds per call over calls back to back (``time.perf_counter``, the GPU's queue
-left to run), then a cProfile of each, sorted by own time; first the host's pace (a torch
+left to run), then a cProfile of each, sorted by own time; the two launch paths
+(``direct_launch`` False, True) A/B in one process; first the host's pace (a torch
 ``add_``) and any synchronisation one call makes (torch's sync debug mode warns of it).
 
     python3 benchmarks/scan_host.py [batch dim seqlen dstate] [--dtype bfloat16]
@@ -27,6 +28,9 @@ def main():
     parser.add_argument("size", nargs="*", type=int, default=[8, 1536, 2048, 16])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--torch-profile", action="store_true", help="torch's profiler over 10 forward+backward calls instead"
+    )
     args = parser.parse_args()
     batch, dim, seqlen, dstate = args.size
     dtype = getattr(torch, args.dtype)
@@ -75,6 +79,25 @@ def main():
     fwd_bwd()
     torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+    from portassm.backends import torch_triton
+
+    for direct in (False, True, False, True):  # the launch paths A/B in one process
+        torch_triton.configure(direct_launch=direct)
+        fwd()
+        fwd_bwd()
+        times = {"forward": [], "forward+backward": []}
+        for _ in range(20):
+            for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+        print(
+            f"direct_launch={direct!s:5s}: host µs a call from an idle GPU (median of 20): "
+            + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in times.items()),
+            flush=True,
+        )
     split = []  # forward with autograd, then backward, from an idle GPU
     for _ in range(20):
         for v in tg.values():
@@ -93,6 +116,15 @@ def main():
         f"backward {statistics.median(b for _, b in split):.0f} µs",
         flush=True,
     )
+    if args.torch_profile:  # torch's profiler: host time of each op and autograd node
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                fwd_bwd()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), flush=True)
+        return
     for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
         for _ in range(3):
             fn()

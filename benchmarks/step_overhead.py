@@ -81,11 +81,11 @@ def one_backend(name, host):
         from portassm.backends import torch_triton
 
         for direct in (True, False, True):
-            torch_triton.configure(direct_step=direct)
+            torch_triton.configure(direct_launch=direct)
             fn = rows["backend.scan_step"]
             bench = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
             print(
-                f"{name:6s} direct_step={direct!s:5s}: {per_call_us(fn, sync):8.1f} us/call back to back, "
+                f"{name:6s} direct_launch={direct!s:5s}: {per_call_us(fn, sync):8.1f} us/call back to back, "
                 f"{bench:6.1f} us by do_bench"
             )
     prof = cProfile.Profile()

@@ -605,7 +605,9 @@ def test_gpu_step_direct_launch(torch_backend, rng):
     misaligned_x.copy_(dev["x"])
     assert misaligned_x.data_ptr() % 16 != 0
     names = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
-    torch_triton._STEP_COMPILED.clear()
+    step_kernel = torch_triton._kernels()._scan_step_kernel
+    for key in [k for k in torch_triton._COMPILED if k[0] is step_kernel]:
+        del torch_triton._COMPILED[key]
     for drop, x_view in [((), None), (("D", "z"), None), (("dt_bias",), None), ((), misaligned_x), ((), None)]:
         ref_args = [None if k in drop else host[k] for k in names]
         with portassm.use_backend("numpy"):
@@ -622,7 +624,8 @@ def test_gpu_step_direct_launch(torch_backend, rng):
                 first = got
             else:
                 assert np.array_equal(got[0], first[0]) and np.array_equal(got[1], first[1]), drop
-    assert len(torch_triton._STEP_COMPILED) == 4  # the last case reused the first's kernel
+    # the last case reused the first's kernel
+    assert sum(1 for k in torch_triton._COMPILED if k[0] is step_kernel) == 4
 
 
 @gpu
@@ -643,6 +646,52 @@ def test_gpu_repeats_are_bit_identical(torch_backend, rng):
         first = run()
         for _ in range(2):
             assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
+@gpu
+@needs_cuda
+def test_gpu_direct_launch_matches_triton_launch(torch_backend, rng):
+    """Every kernel launched through ``_launch``'s direct path gives, bit for bit, what Triton's
+    own launch gives: both forwards and both backwards, whole and chunked (the chunk-combining
+    kernel), with u 4 bytes past a 16-byte boundary (its own specialisation) and aligned."""
+    case = make_case(rng, batch=2, dim=64, seqlen=300, dstate=16, form="selective").astype("float32")
+    dout = torch.from_numpy(rng.standard_normal(case.u.shape).astype(np.float32)).cuda()
+
+    def run(misaligned):
+        args = _tensors(case, "cuda")
+        if misaligned:
+            buffer = torch.empty(args["u"].numel() + 1, device="cuda")
+            u = buffer[1:].view(args["u"].shape)
+            u.copy_(args["u"])
+            assert u.data_ptr() % 16 != 0
+            args["u"] = u
+        for name in case.ARRAYS:
+            if args.get(name) is not None:
+                args[name].requires_grad_(True)
+        out, last = portassm.scan(**args, return_last_state=True)
+        out.backward(dout)
+        return [out.detach(), last.detach()] + [args[n].grad for n in case.ARRAYS if args.get(n) is not None]
+
+    torch_triton._COMPILED.clear()
+    for kernel, min_warps in [(k, m) for k in ("triton", "gluon") for m in (1, 10**6)]:
+        for misaligned in (False, True):
+            torch_triton.configure(
+                min_warps=min_warps, bwd_min_warps=min_warps, fwd_kernel=kernel, bwd_kernel=kernel, direct_launch=False
+            )
+            through_triton = run(misaligned)
+            torch_triton.configure(direct_launch=True)
+            for _ in range(2):  # the first call compiles (or finds) and keeps; the second launches directly
+                got = run(misaligned)
+                assert all(torch.equal(a, b) for a, b in zip(through_triton, got)), (kernel, min_warps, misaligned)
+    launched = {k[0] for k in torch_triton._COMPILED}
+    kernels = torch_triton._kernels()
+    from portassm.backends import gluon_kernels
+
+    for kernel in (
+        kernels._scan_fwd_kernel, kernels._scan_bwd_kernel, kernels._chunk_combine_kernel,
+        gluon_kernels._scan_fwd_gluon, gluon_kernels._scan_bwd_gluon,
+    ):  # fmt: skip
+        assert kernel in launched, kernel
 
 
 @gpu

@@ -70,7 +70,8 @@ _options: dict[str, Any] = {
     "gluon_bwd_warps": 4,  # warps per program of the Gluon backward (8 channels a warp; fewer where a group
     # of B, C has fewer channels)
     "gluon_bwd_maxnreg": None,  # register cap of the Gluon backward
-    "direct_step": True,  # launch the compiled step kernel through its run, without Triton's binding
+    "direct_launch": True,  # on CUDA tensors, launch each compiled kernel through its own launcher,
+    # without Triton's argument binding (see ``_launch``); False: every launch through Triton's
 }
 
 
@@ -83,7 +84,7 @@ def configure(**options: Any) -> None:
     ``steps``, ``warps``, ``block_d``, ``prefetch``, ``bwd_block_d``, ``ck``, ``min_warps``,
     ``bwd_min_warps``, ``maxnreg``, ``bwd_maxnreg``, ``fwd_kernel`` ("triton", "gluon"),
     ``gluon_warps``, ``gluon_steps``, ``gluon_maxnreg``, ``gluon_cpt``, ``gluon_bc16``, ``gluon_swizzle``, ``gluon_shfl_sum``, ``bwd_kernel`` ("triton", "gluon"), ``gluon_bwd_warps``,
-    ``gluon_bwd_maxnreg``, ``direct_step``; unknown names are a TypeError."""
+    ``gluon_bwd_maxnreg``, ``direct_launch``; unknown names are a TypeError."""
     unknown = set(options) - set(_options)
     if unknown:
         raise TypeError(f"unknown torch backend option(s) {', '.join(sorted(unknown))}; known: {', '.join(_options)}")
@@ -181,6 +182,84 @@ def _kernels():
     from . import triton_kernels  # imported on first use: triton reads TRITON_INTERPRET at import
 
     return triton_kernels
+
+
+#: compiled kernels by specialisation, launched without Triton's argument binding (see ``_launch``)
+_COMPILED: dict[tuple, Any] = {}
+
+
+@functools.cache
+def _knobs_runtime() -> Any:
+    """Triton's run-time knobs (its launch hooks), or None where this Triton has none (before 3.4)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return getattr(knobs, "runtime", None)
+
+
+def _no_hook(hook: Any) -> bool:
+    """Whether a Triton launch hook is unset: None, or an empty chain of hooks (Triton 3.5 and later)."""
+    return hook is None or not getattr(hook, "calls", True)
+
+
+@functools.cache
+def _raw_stream() -> Any:
+    """``device index -> the current CUDA stream's handle``: torch's raw getter (what Triton's
+    own launcher calls), a fraction of ``torch.cuda.current_stream``'s host time."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get if get is not None else (lambda index: torch.cuda.current_stream(index).cuda_stream)
+
+
+def _spec(v: Any) -> Any:
+    """What Triton specialises an argument on, or finer: a tensor's dtype and 16-byte alignment;
+    an integer's being 1, a multiple of 16, and its width; any other value (flags, None) itself."""
+    if isinstance(v, torch.Tensor):
+        return v.dtype, v.data_ptr() % 16 == 0
+    if type(v) is int:
+        return v == 1, v % 16 == 0, -(2**31) <= v < 2**31, 0 <= v < 2**64
+    return type(v), v
+
+
+def _launch(fn: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
+    """``fn[grid](*args, **kwargs)``, with a thin launch path on CUDA tensors.
+
+    Triton's ``JITFunction.run`` binds and specialises every argument and builds a cache
+    key on each launch: tens of microseconds of host time for these kernels' 20 to 40
+    arguments, which an eager forward+backward pays for each of its launches. Here the
+    compiled kernel of each specialisation is kept under a key of everything Triton
+    specialises on (``_spec`` of each argument given positionally, the compile-time
+    arguments and options given by name, the device) and launched through its own ``run``
+    with the arguments in the kernel's order, as Triton 3.3 and later launch it. The first
+    call of a specialisation, a call with a launch hook installed (a profiler's), CPU tensors
+    (the interpreter) and ``direct_launch=False`` go through Triton.
+    """
+    lead = args[0]
+    key = None
+    if lead.is_cuda and _options["direct_launch"]:
+        names = getattr(fn, "arg_names", None)
+        rest = () if names is None else names[len(args) :]
+        if names is not None and all(n in kwargs for n in rest):
+            named = tuple(kwargs[n] for n in rest)
+            launch_options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in rest))
+            key = (fn, lead.device.index, tuple(_spec(a) for a in args), named, launch_options)
+            compiled = _COMPILED.get(key)
+            runtime = _knobs_runtime()
+            if (
+                compiled is not None
+                and runtime is not None
+                and _no_hook(runtime.launch_enter_hook)
+                and _no_hook(runtime.launch_exit_hook)
+            ):
+                g = (*grid, 1, 1)
+                compiled.run(
+                    g[0], g[1], g[2], _raw_stream()(lead.device.index), compiled.function,
+                    compiled.packed_metadata, None, None, None, *args, *named,
+                )  # fmt: skip
+                return
+    compiled = fn[grid](*args, **kwargs)
+    if key is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        _COMPILED[key] = compiled
 
 
 def _cdt(dtype: torch.dtype):
@@ -282,7 +361,9 @@ def _chain_chunks(k, S, P, first, ct, lay, batch, dim, chunks, dstate, reverse):
     ``first`` is the state entering the sequence (the adjoint leaving it), or None for zeros.
     """
     entering = torch.empty_like(S)
-    k._chunk_combine_kernel[(lay["d_blocks"], batch)](
+    _launch(
+        k._chunk_combine_kernel,
+        (lay["d_blocks"], batch),
         entering,
         S,
         P,
@@ -496,13 +577,15 @@ def _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, me
     if chunks > 1:
         S = torch.empty_like(h_final)
         P = torch.empty_like(h_final)
-        kernel[grid](*pointers, S, S, P, ckpt, *sizes, 0, 0, *options, STATE_ONLY=True, **common)
+        _launch(kernel, grid, *pointers, S, S, P, ckpt, *sizes, 0, 0, *options, STATE_ONLY=True, **common)
         h_init = _chain_chunks(k, S, P, initial_state, ct, lay, batch, dim, chunks, dstate, reverse=False)
         has_init = True
     else:
         h_init = initial_state.to(ct).contiguous() if initial_state is not None else h_final
         has_init = initial_state is not None
-    kernel[grid](
+    _launch(
+        kernel,
+        grid,
         *pointers,
         h_init,
         h_final,
@@ -602,7 +685,9 @@ def _triton_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus
     dummy = _dummy(u, ct)
 
     def launch(g_in, g_out, decay, has_g_in, adjoint_only):
-        k._scan_bwd_kernel[grid](
+        _launch(
+            k._scan_bwd_kernel,
+            grid,
             *inputs,
             ckpt,
             g_in,
@@ -692,7 +777,9 @@ def _gluon_bwd(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, softplus,
     grid = (d_blocks, batch, chunks)
 
     def launch(g_in, g_out, decay, has_g_in, adjoint_only):
-        gluon_kernels._scan_bwd_gluon[grid](
+        _launch(
+            gluon_kernels._scan_bwd_gluon,
+            grid,
             *inputs,
             g_in,
             du,
@@ -734,6 +821,9 @@ class _ScanFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, method):
         out, last, saved = _triton_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, method, True)
+        # an output's unused gradient stays None (no zeros filled): the backward reads an absent
+        # dlast as zeros, an absent dout as zeros
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             u, delta, A, B, C, D, z, delta_bias, initial_state, saved["ckpt"], saved["Bt"], saved["Ct"], saved["packed"]
         )
@@ -880,38 +970,12 @@ def scan_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization)
     return y, (new_state if padded is state else new_state[..., :dstate].contiguous())
 
 
-#: the step kernel compiled for each specialisation seen on CUDA tensors, launched without
-#: Triton's argument binding (see ``_triton_step``)
-_STEP_COMPILED: dict[tuple, Any] = {}
-
-
-@functools.cache
-def _knobs_runtime() -> Any:
-    """Triton's run-time knobs (its launch hooks), or None where this Triton has none (before 3.4)."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return None
-    return getattr(knobs, "runtime", None)
-
-
-def _no_hook(hook: Any) -> bool:
-    """Whether a Triton launch hook is unset: None, or an empty chain of hooks (Triton 3.5 and later)."""
-    return hook is None or not getattr(hook, "calls", True)
-
-
 def _triton_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretization):
     """One token through ``_scan_step_kernel``; the launch path is kept thin for decoding.
 
-    Decoding launches this kernel once a token and layer, and Triton's launcher
-    (``JITFunction.run``: binding and specialising 22 arguments, the cache key) costs
-    more host time than the kernel's 5 us on the GPU. On CUDA tensors the compiled kernel
-    of each specialisation is therefore kept here, under a key of everything Triton
-    specialises this kernel on (each pointer's dtype and 16-byte alignment, each integer's
-    being 1, a multiple of 16, or past 32 bits, the compile-time flags, the device), and launched directly
-    through its ``run``, with the arguments in the kernel's order, as Triton 3.3 and later
-    launch it. With a launch hook installed (a profiler's), or on a first call, the
-    launch goes through Triton.
+    Decoding launches this kernel once a token and layer, and Triton's launcher costs more
+    host time than the kernel's 5 us on the GPU: on CUDA tensors it is launched through
+    ``_launch``'s direct path, and the wrapper does not re-validate its arguments.
     """
     batch, dim = x.shape
     B_vary, C_vary = B.ndim == 3, C.ndim == 3
@@ -927,24 +991,6 @@ def _triton_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, discretizati
     ptrs = (state, x, dt, x if z is None else z.contiguous(), A, B, C, A if D is None else D,
             A if dt_bias is None else dt_bias, y, new_state)
     ints = (dim, dim // groups, groups)
-    dstate = A.shape[1]
     grid = (_cdiv(dim, block_d), batch)
-    key = None
-    if x.is_cuda and _options["direct_step"]:
-        key = (
-            x.device.index, dstate, block_d, ct, *flags.values(),
-            *[(t.dtype, t.data_ptr() % 16 == 0) for t in ptrs], *[(v == 1, v % 16 == 0, v >= 2**31) for v in ints],
-        )
-        compiled = _STEP_COMPILED.get(key)
-        if compiled is not None:
-            runtime = _knobs_runtime()
-            if runtime is not None and _no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook):
-                compiled.run(
-                    grid[0], grid[1], 1, torch.cuda.current_stream(x.device).cuda_stream, compiled.function,
-                    compiled.packed_metadata, None, None, None, *ptrs, *ints, dstate, block_d, *flags.values(),
-                )
-                return y, new_state
-    compiled = _kernels()._scan_step_kernel[grid](*ptrs, *ints, DSTATE=dstate, BLOCK_D=block_d, num_warps=1, **flags)
-    if key is not None and all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-        _STEP_COMPILED[key] = compiled
+    _launch(_kernels()._scan_step_kernel, grid, *ptrs, *ints, DSTATE=A.shape[1], BLOCK_D=block_d, num_warps=1, **flags)
     return y, new_state
