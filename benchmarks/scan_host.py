@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
+import sys
 import time
 
 import torch
 
 import portassm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_torch import host_us
 
 ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
@@ -83,19 +88,9 @@ def main():
 
     for direct in (False, True, False, True):  # the launch paths A/B in one process
         torch_triton.configure(direct_launch=direct)
-        fwd()
-        fwd_bwd()
-        times = {"forward": [], "forward+backward": []}
-        for _ in range(20):
-            for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1e6)
-        torch.cuda.synchronize()
         print(
             f"direct_launch={direct!s:5s}: host µs a call from an idle GPU (median of 20): "
-            + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in times.items()),
+            f"forward {host_us(fwd):.0f}, forward+backward {host_us(fwd_bwd):.0f}",
             flush=True,
         )
     split = []  # forward with autograd, then backward, from an idle GPU
@@ -137,14 +132,8 @@ def main():
         host = (time.perf_counter() - start) / calls * 1e6
         torch.cuda.synchronize()
         after = torch.cuda.memory_stats()
-        alone = []  # each call from an idle GPU: the host's own time, no queue to wait on
-        for _ in range(calls):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            alone.append((time.perf_counter() - start) * 1e6)
-        torch.cuda.synchronize()
-        print(f"{name}: {statistics.median(alone):.0f} µs of host time a call from an idle GPU (median of {calls})")
+        alone = host_us(fn, calls=calls)  # each call from an idle GPU: no queue to wait on
+        print(f"{name}: {alone:.0f} µs of host time a call from an idle GPU (median of {calls})")
         # the caching allocator going back to the driver (cudaMalloc / cudaFree, which waits
         # for the device) shows as device allocations, frees or retries during the calls
         moved = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOCATOR_EVENTS}
