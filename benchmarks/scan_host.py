@@ -23,7 +23,7 @@ import torch
 import portassm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_torch import host_us
+from gpu_torch import host_back_to_back, host_us, inputs
 
 ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
@@ -37,25 +37,12 @@ def main():
         "--torch-profile", action="store_true", help="torch's profiler over 10 forward+backward calls instead"
     )
     args = parser.parse_args()
-    batch, dim, seqlen, dstate = args.size
+    batch, dim, seqlen, _ = args.size
     dtype = getattr(torch, args.dtype)
     portassm.set_backend("torch")
     dev = "cuda"
 
-    def make(requires_grad):
-        g = lambda shape, dt=dtype: torch.randn(*shape, device=dev, dtype=dt).requires_grad_(requires_grad)
-        return {
-            "u": g((batch, dim, seqlen)),
-            "delta": g((batch, dim, seqlen)),
-            "A": (-(torch.rand(dim, dstate, device=dev) + 0.5)).requires_grad_(requires_grad),
-            "B": g((batch, dstate, seqlen)),
-            "C": g((batch, dstate, seqlen)),
-            "D": g((dim,), torch.float32),
-            "z": g((batch, dim, seqlen)),
-            "delta_bias": g((dim,), torch.float32),
-        }
-
-    t, tg = make(False), make(True)
+    t, tg = inputs(*args.size, dtype), inputs(*args.size, dtype, requires_grad=True)
     dout = torch.randn(batch, dim, seqlen, device=dev, dtype=dtype)
 
     def fwd():
@@ -69,15 +56,7 @@ def main():
 
     # the host's pace for scale: one small torch launch
     y = torch.zeros(1, 1536, device=dev)
-    add = lambda: y.add_(1.0)
-    for _ in range(100):
-        add()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(1000):
-        add()
-    print(f"host's pace: {(time.perf_counter() - start) * 1e3:.1f} µs of host time a torch add_", flush=True)
-    torch.cuda.synchronize()
+    print(f"host's pace: {host_back_to_back(lambda: y.add_(1.0)):.1f} µs of host time a torch add_", flush=True)
     # a call that waits on the GPU (a synchronising copy or item) would show here as a warning
     torch.cuda.set_sync_debug_mode("warn")
     fwd()
@@ -121,16 +100,9 @@ def main():
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), flush=True)
         return
     for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
         calls = 20
         before = torch.cuda.memory_stats()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = (time.perf_counter() - start) / calls * 1e6
-        torch.cuda.synchronize()
+        host = host_back_to_back(fn, calls=calls)
         after = torch.cuda.memory_stats()
         alone = host_us(fn, calls=calls)  # each call from an idle GPU: no queue to wait on
         print(f"{name}: {alone:.0f} µs of host time a call from an idle GPU (median of {calls})")
